@@ -1,0 +1,1 @@
+"""Distributed plumbing: parameter layouts, owner assignment, owner-wise Newton-Schulz."""

@@ -1,0 +1,134 @@
+"""What AMUSE and the Muon baseline share: argument checks and the Muon-branch machinery.
+
+The Muon branch needs whole matrices; ``MuonBranch`` turns the optimizer's Muon parameters into
+``MatrixTask``s (one per parameter, same order on every rank) and owns the owner-wise NS object,
+rebuilt only when the set of parameters with gradients changes.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from amuse_dist.distributed.layout import layout_of
+from amuse_dist.distributed.ownerwise_ns import MatrixTask, OwnerwiseNewtonSchulz
+
+
+def check_finite(name: str, value: float) -> None:
+    if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value):
+        raise ValueError(f"{name} must be a finite number, got {value!r}")
+
+
+def check_range(
+    name: str, value: float, lo: float, hi: float, lo_open: bool = False, hi_open: bool = False
+) -> None:
+    """Raise ValueError naming ``name`` unless ``value`` is finite and inside the interval."""
+    check_finite(name, value)
+    below = value <= lo if lo_open else value < lo
+    above = value >= hi if hi_open else value > hi
+    if below or above:
+        left, right = "(" if lo_open else "[", ")" if hi_open else "]"
+        raise ValueError(f"{name} must be in {left}{lo}, {hi}{right}, got {value!r}")
+
+
+def split_named(params: Iterable[Any]) -> tuple[list[dict[str, Any]], dict[int, str]]:
+    """Normalize params/groups; move (name, tensor) names out of the groups into a lookup.
+
+    Names only serve error messages, so they are kept off the state dict.
+    """
+    groups = list(params)
+    if not groups:
+        raise ValueError("optimizer got an empty parameter list")
+    if not isinstance(groups[0], dict):
+        groups = [{"params": groups}]
+    names: dict[int, str] = {}
+    out = []
+    for gi, group in enumerate(groups):
+        group = dict(group)
+        tensors = []
+        for j, p in enumerate(group["params"]):
+            if isinstance(p, tuple):
+                names[id(p[1])] = p[0]
+                p = p[1]
+            names.setdefault(id(p), f"param_groups[{gi}].params[{j}]")
+            tensors.append(p)
+        group["params"] = tensors
+        group.pop("param_names", None)
+        out.append(group)
+    return out, names
+
+
+class MuonBranch:
+    """Owner-wise Newton-Schulz for a list of Muon parameters."""
+
+    def __init__(
+        self,
+        names: dict[int, str],
+        ns_steps: int,
+        ns_dtype: torch.dtype,
+        replicated_group: dist.ProcessGroup | None,
+    ):
+        self.names = names
+        self.ns_steps = ns_steps
+        self.ns_dtype = ns_dtype
+        self.replicated_group = replicated_group
+        self._key: tuple[int, ...] | None = None
+        self._ns: OwnerwiseNewtonSchulz | None = None
+
+    def tasks(
+        self, params: Sequence[torch.Tensor], splits: Sequence[Sequence[int]]
+    ) -> list[MatrixTask]:
+        tasks = []
+        for p, split in zip(params, splits, strict=True):
+            name = self.names.get(id(p), "?")
+            if p.ndim != 2:
+                raise ValueError(
+                    f"parameter {name!r} with shape {tuple(p.shape)} is in a use_muon group; "
+                    "the Muon branch takes 2-D matrices only"
+                )
+            split = tuple(int(s) for s in split)
+            if split and sum(split) != p.shape[0]:
+                raise ValueError(
+                    f"parameter {name!r}: ns_split {split} does not sum to its {p.shape[0]} rows"
+                )
+            tasks.append(MatrixTask(layout_of(p, name, self.replicated_group), split))
+        return tasks
+
+    def orthogonalize(
+        self,
+        params: Sequence[torch.Tensor],
+        splits: Sequence[Sequence[int]],
+        updates: Sequence[torch.Tensor],
+    ) -> list[torch.Tensor]:
+        """Local pieces of NS5(update) * scale for each parameter (ns dtype)."""
+        key = tuple(id(p) for p in params)
+        if key != self._key:
+            self._ns = OwnerwiseNewtonSchulz(
+                self.tasks(params, splits), self.ns_steps, self.ns_dtype
+            )
+            self._key = key
+        assert self._ns is not None
+        return self._ns(updates)
+
+    @property
+    def ns(self) -> OwnerwiseNewtonSchulz | None:
+        return self._ns
+
+
+def default_replicated_group(
+    params: Iterable[torch.Tensor], group: dist.ProcessGroup | None
+) -> dist.ProcessGroup | None:
+    """Group over which plain (non-DTensor) parameters are replicated, if any.
+
+    With torch.distributed initialized and more than one rank, plain tensors are taken to be
+    replicated (DDP); owners then share the NS work and broadcast results through all_to_all.
+    """
+    if group is not None:
+        return group
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        return dist.group.WORLD
+    return None

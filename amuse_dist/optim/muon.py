@@ -1,0 +1,107 @@
+"""Distributed Muon baseline with the same owner-wise Newton-Schulz as AMUSE.
+
+Muon for the ``use_muon`` groups (EMA momentum, Nesterov, NS5, 0.2 sqrt(max(m, n)) scale, decoupled
+weight decay), AdamW for the rest. Meant to run under an external LR schedule (e.g. cosine), so
+comparisons with AMUSE share every piece but the averaging.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch.optim import Optimizer
+
+from amuse_dist.distributed.layout import local_view
+from amuse_dist.optim.base import MuonBranch, check_range, default_replicated_group, split_named
+
+
+class Muon(Optimizer):
+    def __init__(
+        self,
+        params: Iterable[Any],
+        lr: float = 2e-3,
+        momentum: float = 0.95,
+        nesterov: bool = True,
+        weight_decay: float = 0.0,
+        adamw_betas: tuple[float, float] = (0.8, 0.999),
+        adamw_eps: float = 1e-8,
+        ns_steps: int = 5,
+        ns_dtype: torch.dtype = torch.bfloat16,
+        process_group: dist.ProcessGroup | None = None,
+    ):
+        check_range("lr", lr, 0.0, float("inf"), lo_open=True, hi_open=True)
+        check_range("momentum", momentum, 0.0, 1.0, hi_open=True)
+        check_range("weight_decay", weight_decay, 0.0, float("inf"), hi_open=True)
+        for i, b in enumerate(adamw_betas):
+            check_range(f"adamw_betas[{i}]", b, 0.0, 1.0, hi_open=True)
+        check_range("adamw_eps", adamw_eps, 0.0, float("inf"), hi_open=True)
+        defaults = dict(
+            lr=lr,
+            momentum=momentum,
+            nesterov=nesterov,
+            weight_decay=weight_decay,
+            adamw_betas=tuple(adamw_betas),
+            adamw_eps=adamw_eps,
+            use_muon=False,
+            ns_split=(),
+            muon_t=0,
+        )
+        groups, names = split_named(params)
+        super().__init__(groups, defaults)
+        all_params = [p for g in self.param_groups for p in g["params"]]
+        self._muon = MuonBranch(
+            names, ns_steps, ns_dtype, default_replicated_group(all_params, process_group)
+        )
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], float] | None = None) -> float | None:  # type: ignore[override]
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        muon_params, splits, updates, lrs = [], [], [], []
+        for group in self.param_groups:
+            params = [p for p in group["params"] if p.grad is not None]
+            for p in params:
+                if not self.state[p]:
+                    if group["use_muon"]:
+                        self.state[p]["momentum"] = torch.zeros_like(p)
+                    else:
+                        self.state[p]["exp_avg"] = torch.zeros_like(p)
+                        self.state[p]["exp_avg_sq"] = torch.zeros_like(p)
+            lr = float(group["lr"])
+            if not params or lr == 0.0:  # torch's DCP state initialisation: change nothing
+                continue
+            group["muon_t"] += 1
+            wd = group["weight_decay"]
+            for p in params:
+                g, w = local_view(p.grad), local_view(p)
+                if group["use_muon"]:
+                    mu = group["momentum"]
+                    m = local_view(self.state[p]["momentum"])
+                    m.lerp_(g, 1.0 - mu)
+                    updates.append(torch.lerp(g, m, mu) if group["nesterov"] else m.clone())
+                    muon_params.append(p)
+                    splits.append(tuple(group["ns_split"]))
+                    lrs.append((w, lr, wd))
+                else:
+                    b1, b2 = group["adamw_betas"]
+                    t = group["muon_t"]
+                    m = local_view(self.state[p]["exp_avg"])
+                    v = local_view(self.state[p]["exp_avg_sq"])
+                    m.lerp_(g, 1.0 - b1)
+                    v.mul_(b2).addcmul_(g, g, value=1.0 - b2)
+                    denom = (v / (1.0 - b2**t)).sqrt_().add_(group["adamw_eps"])
+                    w.mul_(1.0 - lr * wd).addcdiv_(m, denom, value=-lr / (1.0 - b1**t))
+        if muon_params:
+            outs = self._muon.orthogonalize(muon_params, splits, updates)
+            for (w, lr, wd), o in zip(lrs, outs, strict=True):
+                w.mul_(1.0 - lr * wd).sub_(o, alpha=lr)
+        return loss
+
+    @property
+    def ns_log(self) -> list[int]:
+        return list(self._muon.ns.owned_log) if self._muon.ns else []

@@ -1,0 +1,1 @@
+"""torchtitan glue: CPU support, config extension/validation, train spec, optimizers, metrics."""
