@@ -1,0 +1,52 @@
+"""MetricsProcessor that adds the optimizer's own scalars (beta_t, c_t, update RMS).
+
+torchtitan's ``train_step`` calls ``metrics_processor.log`` on every rank, which is what
+``update_rms()`` (a collective) needs; the extra scalars ride along in ``extra_metrics``, so
+they reach TensorBoard/W&B through torchtitan's loggers on the logging rank.
+"""
+
+from typing import Any
+
+from torchtitan.components.metrics import MetricsProcessor
+from torchtitan.distributed import ParallelDims
+from torchtitan.tools.logging import logger
+
+
+class AmuseMetricsProcessor(MetricsProcessor):
+    def optimizer_metrics(self) -> dict[str, float]:
+        """``amuse/*`` scalars from the first optimizer, if it exposes them (AMUSE, SF)."""
+        if self.optimizers is None or len(self.optimizers) == 0:
+            return {}
+        opt = self.optimizers.optimizers[0]
+        out: dict[str, float] = {}
+        if hasattr(opt, "scalars"):
+            for k, v in opt.scalars().items():
+                out[f"amuse/{k}"] = float(v)
+        if hasattr(opt, "update_rms"):
+            for k, v in opt.update_rms().items():  # collective: every rank calls it
+                out[f"amuse/update_rms_{k}"] = float(v)
+        return out
+
+    def log(
+        self,
+        step: int,
+        global_avg_loss: float,
+        global_max_loss: float,
+        grad_norm: float,
+        extra_metrics: dict[str, Any] | None = None,
+    ) -> None:
+        extra = dict(extra_metrics or {})
+        opt_metrics = self.optimizer_metrics()
+        extra.update(opt_metrics)
+        super().log(step, global_avg_loss, global_max_loss, grad_norm, extra_metrics=extra)
+        if opt_metrics:
+            logger.info(
+                f"step: {step:2}  "
+                + "  ".join(f"{k.split('/', 1)[1]}: {v:.4g}" for k, v in opt_metrics.items())
+            )
+
+
+def build_amuse_metrics_processor(
+    job_config: Any, parallel_dims: ParallelDims, model_args: Any = None, tag: str | None = None
+) -> MetricsProcessor:
+    return AmuseMetricsProcessor(job_config, parallel_dims, tag)

@@ -1,0 +1,112 @@
+"""Helpers for tests that launch the real trainer with torchrun (CPU, gloo)."""
+
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parents[1]
+DEBUG_TOML = REPO / "train_configs" / "debug_cpu.toml"
+STEP_RE = re.compile(r"step:\s+(\d+)\s+loss:\s+([-+0-9.naife]+)")
+
+
+def env(tmp: Path) -> dict[str, str]:
+    e = dict(os.environ)
+    e.update(
+        PYTHONPATH=str(REPO) + os.pathsep + e.get("PYTHONPATH", ""),
+        HF_HUB_OFFLINE="1",
+        HF_DATASETS_OFFLINE="1",
+        HF_HOME=str(tmp / "hf_home"),
+        OMP_NUM_THREADS="1",
+        TORCH_NCCL_ASYNC_ERROR_HANDLING="3",
+    )
+    return e
+
+
+def torchrun(
+    nproc: int,
+    args: list[str],
+    tmp: Path,
+    extra_env: dict[str, str] | None = None,
+    timeout: int = 600,
+) -> subprocess.CompletedProcess[str]:
+    """Run ``amuse_dist.train`` on ``nproc`` CPU ranks; rank 0's output is captured."""
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nnodes=1",
+        f"--nproc_per_node={nproc}",
+        "--local-ranks-filter=0",
+        "-m",
+        "amuse_dist.train",
+        *args,
+    ]
+    e = env(tmp)
+    e.update(extra_env or {})
+    proc = subprocess.run(cmd, cwd=REPO, env=e, capture_output=True, text=True, timeout=timeout)
+    if proc.returncode != 0:
+        raise AssertionError(
+            f"torchrun failed ({proc.returncode}):\n{proc.stdout[-6000:]}\n{proc.stderr[-6000:]}"
+        )
+    return proc
+
+
+def debug_args(dump: Path, assets: Path, steps: int = 10, **overrides: Any) -> list[str]:
+    """debug_cpu.toml shortened for tests: ``steps`` steps, loss logged every step."""
+    args = [
+        "--job.config_file",
+        str(DEBUG_TOML),
+        "--job.dump_folder",
+        str(dump),
+        "--local_data.assets_dir",
+        str(assets),
+        "--training.steps",
+        str(steps),
+        "--metrics.log_freq",
+        "1",
+        "--checkpoint.interval",
+        "5",
+        "--checkpoint.keep_latest_k",
+        "0",
+        "--validation.freq",
+        "5",
+        "--validation.steps",
+        "2",
+    ]
+    for key, value in overrides.items():
+        section, name = key.split("__")
+        if isinstance(value, bool):  # tyro flags: --sec.key / --sec.no-key
+            args.append(f"--{section}.{name}" if value else f"--{section}.no-{name}")
+        else:
+            args += [f"--{section}.{name}", str(value)]
+    return args
+
+
+def losses(output: str) -> dict[int, float]:
+    """{step: training loss} from the trainer's log (validation lines are skipped)."""
+    out: dict[int, float] = {}
+    for line in output.splitlines():
+        if "validate step" in line:
+            continue
+        m = STEP_RE.search(line)
+        if m:
+            out[int(m.group(1))] = float(m.group(2))
+    return out
+
+
+def tb_scalars(dump: Path) -> dict[str, list[float]]:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    files = sorted(dump.glob("tb/**/events.out.tfevents.*"))
+    assert files, f"no TensorBoard event files under {dump / 'tb'}"
+    tags: dict[str, list[float]] = {}
+    for f in files:
+        acc = EventAccumulator(str(f))
+        acc.Reload()
+        for tag in acc.Tags()["scalars"]:
+            tags.setdefault(tag, []).extend(e.value for e in acc.Scalars(tag))
+    return tags
