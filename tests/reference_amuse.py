@@ -93,4 +93,6 @@ class ReferenceAMUSE:
         self.beta = beta
 
     def x(self) -> list[torch.Tensor]:
-        return [z + (p.data - z) / self.beta_y for (p, _), z in zip(self.params, self.z, strict=True)]
+        return [
+            z + (p.data - z) / self.beta_y for (p, _), z in zip(self.params, self.z, strict=True)
+        ]
