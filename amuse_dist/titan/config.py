@@ -73,10 +73,28 @@ class LocalData:
 
 
 @dataclass
+class Anytime:
+    """Anytime evaluation: X export next to every checkpoint, validation at X and Y, preemption."""
+
+    export_x: bool = True
+    """Write the X weights (Y for optimizers without averaging) as HF safetensors into
+    ``step-N/<export_folder>`` at every checkpoint."""
+    export_folder: str = "x"
+    """Name of the export folder inside each ``step-N`` checkpoint folder."""
+    validate_x: bool = True
+    """Validate at the averaged weights X (AMUSE, ScheduleFreeAdamW): tag validation_x/loss."""
+    validate_y: bool = True
+    """Also validate at the training weights Y: tag validation_y/loss."""
+    save_on_sigterm: bool = True
+    """On SIGTERM (SLURM preemption) finish the step, save a checkpoint and exit cleanly."""
+
+
+@dataclass
 class JobConfig:
     """Sections merged into torchtitan's JobConfig by its ConfigManager."""
 
     amuse: Amuse = field(default_factory=Amuse)
+    anytime: Anytime = field(default_factory=Anytime)
     muon: Muon = field(default_factory=Muon)
     local_data: LocalData = field(default_factory=LocalData)
 

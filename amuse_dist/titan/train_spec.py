@@ -14,6 +14,7 @@ from torchtitan.protocols.train_spec import TrainSpec, get_train_spec, register_
 from amuse_dist.titan import cpu
 from amuse_dist.titan.metrics import build_amuse_metrics_processor
 from amuse_dist.titan.optimizers import make_build_optimizers
+from amuse_dist.titan.validator import build_anytime_validator
 
 NAME = "llama3_amuse"
 
@@ -98,7 +99,7 @@ def get_amuse_train_spec() -> TrainSpec:
         build_dataloader_fn=base.build_dataloader_fn,
         build_tokenizer_fn=base.build_tokenizer_fn,
         build_loss_fn=base.build_loss_fn,
-        build_validator_fn=base.build_validator_fn,
+        build_validator_fn=build_anytime_validator,
         build_metrics_processor_fn=build_amuse_metrics_processor,
         state_dict_adapter=base.state_dict_adapter,
     )

@@ -1,6 +1,9 @@
 """torchtitan's Trainer with the hooks AMUSE runs need (import after ``cpu.setup_device()``)."""
 
+import dataclasses
 import os
+import signal
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -11,7 +14,10 @@ from torchtitan.tools.logging import logger
 from torchtitan.train import Trainer
 
 from amuse_dist.titan import train_spec
+from amuse_dist.titan.checkpoint import AnytimeCheckpointManager
 from amuse_dist.titan.config import LOCAL_DATASETS
+from amuse_dist.titan.export import export_hf
+from amuse_dist.titan.validator import averaged_weights
 
 
 class AmuseTrainer(Trainer):
@@ -22,6 +28,94 @@ class AmuseTrainer(Trainer):
         train_spec.set_job_config(job_config)
         train_spec.register()
         super().__init__(job_config)
+        self._replace_checkpointer()
+        if getattr(self, "validator", None) is not None:
+            self.validator.optimizers = self.optimizers
+        self._sigterm = False
+        self.preempted = False
+        self._flag_group: dist.ProcessGroup | None = None
+        if job_config.anytime.save_on_sigterm:
+            signal.signal(signal.SIGTERM, self._on_sigterm)
+            # a CPU group: polling the flag every step must not sync the GPU stream
+            self._flag_group = dist.new_group(backend="gloo")
+
+    # ------------------------------------------------------------------ checkpoints and X export
+    def _replace_checkpointer(self) -> None:
+        """Swap torchtitan's CheckpointManager for the atomic one that also exports X."""
+        old = self.checkpointer
+        cfg = self.job_config
+        sd_adapter = old.sd_adapter
+        old.close()
+        self.checkpointer = AnytimeCheckpointManager(
+            dataloader=self.dataloader,
+            model_parts=self.model_parts,
+            optimizers=self.optimizers,
+            lr_schedulers=self.lr_schedulers,
+            states={"train_state": self},
+            checkpoint_config=cfg.checkpoint,
+            sd_adapter=sd_adapter,
+            base_folder=cfg.job.dump_folder,
+            export_fn=self.export_weights if cfg.anytime.export_x and sd_adapter else None,
+            meta={
+                "optimizer": cfg.optimizer.name,
+                "model": {"name": cfg.model.name, "flavor": cfg.model.flavor},
+                "world_size": dist.get_world_size(),
+                "config": dataclasses.asdict(cfg),
+            },
+        )
+
+    def x_state_dict(self) -> tuple[dict[str, torch.Tensor], bool]:
+        """{fqn: X} in the parameters' own sharding (Y where the optimizer does not average)."""
+        xs = averaged_weights(self.optimizers)
+        out = {}
+        for model in self.model_parts:
+            for name, p in model.named_parameters():
+                out[name] = xs.get(p, p.detach())
+        return out, bool(xs)
+
+    def export_weights(self, step_dir: Path, step: int) -> dict[str, Any]:
+        """Write X as HF safetensors into ``step_dir/<export_folder>`` (a collective)."""
+        cfg = self.job_config
+        state, averaged = self.x_state_dict()
+        info = {
+            "step": step,
+            "weights": "x" if averaged else "y",
+            "optimizer": cfg.optimizer.name,
+            "model": {"name": cfg.model.name, "flavor": cfg.model.flavor},
+            "beta_y": _beta_y(self.optimizers),
+        }
+        dest = Path(step_dir) / cfg.anytime.export_folder
+        export_hf(
+            dest,
+            state,
+            self.checkpointer.sd_adapter,
+            self.model_args,
+            cfg.model.hf_assets_path,
+            info,
+        )
+        return {"folder": cfg.anytime.export_folder, **info}
+
+    # ------------------------------------------------------------------ preemption
+    def _on_sigterm(self, signum: int, frame: Any) -> None:
+        self._sigterm = True
+        logger.warning("SIGTERM: finishing this step, then saving a checkpoint and exiting")
+
+    def _preemption_requested(self) -> bool:
+        """True on every rank once any rank got SIGTERM (all ranks must stop together)."""
+        if self._flag_group is None:
+            return False
+        flag = torch.tensor([int(self._sigterm)])
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self._flag_group)
+        return bool(flag.item())
+
+    def should_continue_training(self) -> bool:
+        if self.step > 0 and self._preemption_requested():
+            self.preempted = True
+            if self.checkpointer.enable:
+                self.checkpointer.save(self.step, force=True)
+            logger.warning(f"preempted: stopped after step {self.step}, checkpoint saved")
+            return False
+        return super().should_continue_training()
 
     def init_distributed(self) -> ParallelDims:
         parallel_dims = super().init_distributed()
@@ -50,6 +144,13 @@ class AmuseTrainer(Trainer):
             cfg.validation.dataset_path = str(corpus_dir)
         cfg.model.hf_assets_path = str(tokenizer_dir)
         logger.info(f"local corpus at {corpus_dir}, tokenizer at {tokenizer_dir}")
+
+
+def _beta_y(optimizers: Any) -> float | None:
+    for opt in getattr(optimizers, "optimizers", []):
+        if hasattr(opt, "beta"):
+            return float(opt.beta())
+    return None
 
 
 def dump_full_state(trainer: Trainer, path: str) -> None:

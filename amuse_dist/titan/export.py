@@ -1,0 +1,130 @@
+"""Export weights (X for AMUSE) as a Hugging Face Llama folder: safetensors, config.json, tokenizer.
+
+Written by every rank through DCP's ``HuggingFaceStorageWriter`` (each rank writes its own shards,
+then they are consolidated), into ``<dest>.tmp`` first; the folder appears under its final name only
+when complete (``amuse_export.json`` inside is written last). A crash mid-export leaves at most a
+``.tmp`` folder, which the next export replaces, and never touches an earlier export.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint import HuggingFaceStorageWriter
+
+EXPORT_MARKER = "amuse_export.json"
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
+
+
+def _rank() -> int:
+    return dist.get_rank() if dist.is_initialized() else 0
+
+
+def _barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def hf_llama_config(model_args: Any, state_dict: dict[str, torch.Tensor]) -> dict[str, Any]:
+    """config.json for ``transformers.LlamaForCausalLM`` matching a torchtitan llama3 model."""
+    n_heads = model_args.n_heads
+    n_kv = model_args.n_kv_heads or n_heads
+    rope = model_args.rope_scaling_args
+    return {
+        "architectures": ["LlamaForCausalLM"],
+        "model_type": "llama",
+        "hidden_size": model_args.dim,
+        "intermediate_size": int(state_dict["layers.0.feed_forward.w1.weight"].shape[0]),
+        "num_hidden_layers": model_args.n_layers,
+        "num_attention_heads": n_heads,
+        "num_key_value_heads": n_kv,
+        "head_dim": model_args.dim // n_heads,
+        "hidden_act": "silu",
+        "rms_norm_eps": model_args.norm_eps,
+        "rope_theta": model_args.rope_theta,
+        "rope_scaling": {
+            "rope_type": "llama3",
+            "factor": rope.scaling_factor,
+            "low_freq_factor": rope.low_freq_factor,
+            "high_freq_factor": rope.high_freq_factor,
+            "original_max_position_embeddings": rope.original_max_position_embeddings,
+        },
+        "max_position_embeddings": model_args.max_seq_len,
+        "vocab_size": model_args.vocab_size,
+        "tie_word_embeddings": False,
+        "attention_bias": False,
+        "mlp_bias": False,
+        "torch_dtype": "float32",
+    }
+
+
+def export_hf(
+    dest: str | os.PathLike[str],
+    state_dict: dict[str, torch.Tensor],
+    sd_adapter: Any,
+    model_args: Any,
+    tokenizer_dir: str | os.PathLike[str] | None,
+    info: dict[str, Any],
+) -> Path:
+    """Write ``state_dict`` (torchtitan names, plain or DTensor) as an HF Llama folder at ``dest``.
+
+    A collective: every rank calls it with its own shards.
+    """
+    dest = Path(dest)
+    tmp = dest.with_name(dest.name + ".tmp")
+    if _rank() == 0:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    _barrier()
+    config = hf_llama_config(model_args, state_dict)
+    hf_sd = sd_adapter.to_hf(state_dict)
+    writer = HuggingFaceStorageWriter(
+        path=str(tmp), save_distributed=True, enable_consolidation=True
+    )
+    dcp.save(hf_sd, storage_writer=writer)
+    _barrier()
+    if _rank() == 0:
+        shutil.rmtree(tmp / "sharded", ignore_errors=True)
+        (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+        if tokenizer_dir is not None:
+            for name in TOKENIZER_FILES:
+                src = Path(tokenizer_dir) / name
+                if src.is_file():
+                    shutil.copy2(src, tmp / name)
+        (tmp / EXPORT_MARKER).write_text(json.dumps(info, indent=2, sort_keys=True) + "\n")
+        old = dest.with_name(dest.name + ".old")
+        if dest.exists():
+            shutil.rmtree(old, ignore_errors=True)
+            dest.rename(old)
+        tmp.rename(dest)
+        shutil.rmtree(old, ignore_errors=True)
+    _barrier()
+    return dest
+
+
+def is_complete_export(path: str | os.PathLike[str]) -> bool:
+    """True for a folder that an export finished writing."""
+    p = Path(path)
+    return (p / EXPORT_MARKER).is_file() and any(p.glob("*.safetensors"))
+
+
+def load_hf_export(path: str | os.PathLike[str], sd_adapter: Any) -> dict[str, torch.Tensor]:
+    """Read an export back into torchtitan names (plain tensors)."""
+    from safetensors.torch import load_file
+
+    p = Path(path)
+    if not is_complete_export(p):
+        raise FileNotFoundError(
+            f"{p} is not a complete X export (expected *.safetensors and {EXPORT_MARKER})"
+        )
+    hf_sd: dict[str, torch.Tensor] = {}
+    for f in sorted(p.glob("*.safetensors")):
+        hf_sd.update(load_file(f))
+    return sd_adapter.from_hf(hf_sd)

@@ -1,0 +1,151 @@
+"""Validation at the averaged weights X (and at Y), on the same fixed batches every time.
+
+torchtitan's Validator evaluates the weights the model holds, Y for AMUSE. ``AnytimeValidator``
+swaps each parameter's local shard to X (from ``optimizer.x_tensors()``), evaluates, and swaps Y
+back bit for bit. FSDP2 modules are resharded before and after each swap so no unsharded copy of
+the other weights is reused. The validation stream is rewound before every evaluation, so every
+evaluation (X, Y, any step) sees the same batches.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import torch
+import torch.nn as nn
+from torch.distributed.fsdp import FSDPModule
+from torchtitan.components.loss import IGNORE_INDEX
+from torchtitan.components.validate import Validator
+from torchtitan.distributed import utils as dist_utils
+from torchtitan.tools import utils
+from torchtitan.tools.logging import logger
+
+from amuse_dist.distributed.layout import local_view
+
+
+def averaged_weights(optimizers: Any) -> dict[torch.Tensor, torch.Tensor]:
+    """{param: X} from every optimizer of a container that averages (AMUSE, SF-AdamW)."""
+    out: dict[torch.Tensor, torch.Tensor] = {}
+    for opt in getattr(optimizers, "optimizers", [optimizers]):
+        if hasattr(opt, "x_tensors"):
+            out.update(opt.x_tensors())
+    return out
+
+
+def reshard(model_parts: list[nn.Module]) -> None:
+    for model in model_parts:
+        for module in model.modules():
+            if isinstance(module, FSDPModule):
+                module.reshard()
+
+
+@contextmanager
+def weights_swapped(
+    model_parts: list[nn.Module], new: dict[torch.Tensor, torch.Tensor]
+) -> Iterator[None]:
+    """Temporarily load ``new[p]`` into each parameter p (local shards), restoring exactly.
+
+    ``new`` is used as the swap buffer (it holds Y while inside), so the extra memory is one
+    parameter at a time.
+    """
+    reshard(model_parts)
+    params = [p for m in model_parts for p in m.parameters() if p in new]
+    with torch.no_grad():
+        for p in params:
+            y, x = local_view(p), local_view(new[p])
+            tmp = y.clone()
+            y.copy_(x)
+            x.copy_(tmp)
+    try:
+        yield
+    finally:
+        reshard(model_parts)
+        with torch.no_grad():
+            for p in params:
+                local_view(p).copy_(local_view(new[p]))
+
+
+class AnytimeValidator(Validator):
+    """Validator that reports the loss at X (``validation_x/loss``) and Y (``validation_y/loss``)."""
+
+    def __init__(self, *args: Any, validate_x: bool = True, validate_y: bool = True, **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        self.validate_x = validate_x
+        self.validate_y = validate_y
+        self.optimizers: Any = None
+
+    def rewind(self) -> None:
+        """Restart the validation stream so each evaluation sees the same batches."""
+        dataset = getattr(self.validation_dataloader, "dataset", None)
+        if dataset is not None and hasattr(dataset, "_sample_idx"):
+            dataset._sample_idx = 0
+            dataset._token_buffer = []
+
+    @torch.no_grad()
+    def mean_loss(self, model_parts: list[nn.Module]) -> float:
+        """Token-averaged loss over ``validation.steps`` batches, reduced over data parallel."""
+        if self.parallel_dims.pp_enabled or self.parallel_dims.cp_enabled:
+            raise ValueError(
+                "[validation] with pipeline or context parallelism: not supported by "
+                "amuse_dist's validator yet; set [validation] enable = false"
+            )
+        self.rewind()
+        for model in model_parts:
+            model.eval()
+        device_type = utils.device_type
+        losses = []
+        for num_steps, (input_dict, labels) in enumerate(self.validation_dataloader):
+            if num_steps >= self.job_config.validation.steps:
+                break
+            self.metrics_processor.ntokens_since_last_log += labels.numel()
+            input_dict = {k: v.to(device_type) for k, v in input_dict.items()}
+            labels = labels.to(device_type)
+            inputs, labels, extra_inputs, extra_kwargs = self.post_dataloading_process(
+                input_dict, labels, model_parts
+            )
+            local_tokens = (labels != IGNORE_INDEX).sum()
+            if self.parallel_dims.dp_enabled:
+                tokens = dist_utils.dist_sum(
+                    local_tokens, self.parallel_dims.get_mesh("batch"), None
+                )
+            else:
+                tokens = local_tokens.float()
+            with self.validation_context(), self.maybe_enable_amp:
+                predictions = model_parts[0](inputs, **extra_inputs, **extra_kwargs)
+                losses.append(self.loss_fn(predictions, labels).detach() / tokens)
+        for model in model_parts:
+            model.train()
+        loss = torch.sum(torch.stack(losses)) / len(losses)
+        if self.parallel_dims.dp_cp_enabled:
+            return float(dist_utils.dist_sum(loss, self.parallel_dims.get_optional_mesh("loss")))
+        return float(loss)
+
+    def validate(self, model_parts: list[nn.Module], step: int) -> None:
+        xs = averaged_weights(self.optimizers) if self.validate_x else {}
+        extra: dict[str, float] = {}
+        if xs:
+            with weights_swapped(model_parts, xs):
+                extra["validation_x/loss"] = self.mean_loss(model_parts)
+            del xs
+        if self.validate_y or "validation_x/loss" not in extra:
+            extra["validation_y/loss"] = self.mean_loss(model_parts)
+        main = extra.get("validation_x/loss", extra["validation_y/loss"])
+        self.metrics_processor.log_validation(loss=main, step=step, extra_metrics=extra)
+        if len(extra) > 1:
+            logger.info(
+                f"validate step: {step:2}  loss at X: {extra['validation_x/loss']:7.4f}  "
+                f"loss at Y: {extra['validation_y/loss']:7.4f}"
+            )
+
+
+def build_anytime_validator(job_config: Any, **kwargs: Any) -> AnytimeValidator:
+    """The train spec's ``build_validator_fn``."""
+    anytime = getattr(job_config, "anytime", None)
+    return AnytimeValidator(
+        job_config=job_config,
+        validate_x=getattr(anytime, "validate_x", True),
+        validate_y=getattr(anytime, "validate_y", True),
+        **kwargs,
+    )
