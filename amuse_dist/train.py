@@ -10,7 +10,7 @@ import socket
 import sys
 
 
-def _single_process_env() -> None:
+def single_process_env() -> None:
     """Let ``python -m amuse_dist.train`` work without torchrun (one rank)."""
     if "LOCAL_RANK" in os.environ:
         return
@@ -63,7 +63,7 @@ def main(argv: list[str] | None = None) -> None:
         print(f"amuse-train: {e}", file=sys.stderr)
         raise SystemExit(2) from None
 
-    _single_process_env()
+    single_process_env()
     import torch
 
     from amuse_dist.titan.trainer import AmuseTrainer, dump_full_state

@@ -60,7 +60,7 @@ class AmuseTrainer(Trainer):
                 "optimizer": cfg.optimizer.name,
                 "model": {"name": cfg.model.name, "flavor": cfg.model.flavor},
                 "world_size": dist.get_world_size(),
-                "config": dataclasses.asdict(cfg),
+                "config": _absolute_paths(dataclasses.asdict(cfg)),
             },
         )
 
@@ -144,6 +144,24 @@ class AmuseTrainer(Trainer):
             cfg.validation.dataset_path = str(corpus_dir)
         cfg.model.hf_assets_path = str(tokenizer_dir)
         logger.info(f"local corpus at {corpus_dir}, tokenizer at {tokenizer_dir}")
+
+
+_PATH_KEYS = (
+    ("job", "dump_folder"),
+    ("local_data", "assets_dir"),
+    ("model", "hf_assets_path"),
+    ("training", "dataset_path"),
+    ("validation", "dataset_path"),
+)
+
+
+def _absolute_paths(config: dict[str, Any]) -> dict[str, Any]:
+    """The config with its local paths absolute, so tools run elsewhere (amuse-eval) find them."""
+    for section, key in _PATH_KEYS:
+        value = config.get(section, {}).get(key)
+        if value and "://" not in value and not os.path.isabs(value) and os.path.exists(value):
+            config[section][key] = os.path.abspath(value)
+    return config
 
 
 def _beta_y(optimizers: Any) -> float | None:

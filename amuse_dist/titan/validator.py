@@ -84,8 +84,9 @@ class AnytimeValidator(Validator):
             dataset._token_buffer = []
 
     @torch.no_grad()
-    def mean_loss(self, model_parts: list[nn.Module]) -> float:
-        """Token-averaged loss over ``validation.steps`` batches, reduced over data parallel."""
+    def evaluate(self, model_parts: list[nn.Module]) -> tuple[float, int]:
+        """(loss, tokens): the loss averaged over ``validation.steps`` batches of all
+        data-parallel ranks, and how many tokens those batches hold."""
         if self.parallel_dims.pp_enabled or self.parallel_dims.cp_enabled:
             raise ValueError(
                 "[validation] with pipeline or context parallelism: not supported by "
@@ -96,6 +97,7 @@ class AnytimeValidator(Validator):
             model.eval()
         device_type = utils.device_type
         losses = []
+        n_tokens = 0
         for num_steps, (input_dict, labels) in enumerate(self.validation_dataloader):
             if num_steps >= self.job_config.validation.steps:
                 break
@@ -112,6 +114,7 @@ class AnytimeValidator(Validator):
                 )
             else:
                 tokens = local_tokens.float()
+            n_tokens += int(tokens)
             with self.validation_context(), self.maybe_enable_amp:
                 predictions = model_parts[0](inputs, **extra_inputs, **extra_kwargs)
                 losses.append(self.loss_fn(predictions, labels).detach() / tokens)
@@ -119,18 +122,18 @@ class AnytimeValidator(Validator):
             model.train()
         loss = torch.sum(torch.stack(losses)) / len(losses)
         if self.parallel_dims.dp_cp_enabled:
-            return float(dist_utils.dist_sum(loss, self.parallel_dims.get_optional_mesh("loss")))
-        return float(loss)
+            loss = dist_utils.dist_sum(loss, self.parallel_dims.get_optional_mesh("loss"))
+        return float(loss), n_tokens
 
     def validate(self, model_parts: list[nn.Module], step: int) -> None:
         xs = averaged_weights(self.optimizers) if self.validate_x else {}
         extra: dict[str, float] = {}
         if xs:
             with weights_swapped(model_parts, xs):
-                extra["validation_x/loss"] = self.mean_loss(model_parts)
+                extra["validation_x/loss"] = self.evaluate(model_parts)[0]
             del xs
         if self.validate_y or "validation_x/loss" not in extra:
-            extra["validation_y/loss"] = self.mean_loss(model_parts)
+            extra["validation_y/loss"] = self.evaluate(model_parts)[0]
         main = extra.get("validation_x/loss", extra["validation_y/loss"])
         self.metrics_processor.log_validation(loss=main, step=step, extra_metrics=extra)
         if len(extra) > 1:

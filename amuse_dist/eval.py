@@ -1,0 +1,270 @@
+"""``amuse-eval``: validation loss of checkpoints, at the averaged weights X by default.
+
+    python -m amuse_dist.eval RUN_DIR | CHECKPOINT_DIR | STEP_DIR | X_EXPORT_DIR [options]
+    torchrun --nproc_per_node N -m amuse_dist.eval ...
+
+A run folder (or its ``checkpoint/``) is evaluated step by step in order. A ``step-N`` folder is a
+DCP checkpoint: the model (Y) and optimizer state are loaded and X = z + (y - z)/beta_y computed
+from them. An export folder (``step-N/x``) is loaded from its safetensors. The model, tokenizer and
+validation data come from the checkpoint's ``amuse_meta.json`` (or ``--config``), so the loss is
+measured on the same fixed batches the run validated on. Prints a table and writes CSV and JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import dataclasses
+import json
+import math
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+RESULT_FIELDS = ("step", "source", "weights", "loss", "perplexity", "tokens", "path")
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="amuse-eval", description=__doc__.split("\n\n")[0])
+    p.add_argument("path", help="run folder, checkpoint folder, step-N folder or X export folder")
+    p.add_argument(
+        "--source",
+        choices=("auto", "dcp", "export"),
+        default="auto",
+        help="for step-N folders: compute X from the DCP state (dcp) or read step-N/x (export); "
+        "auto prefers dcp",
+    )
+    p.add_argument(
+        "--weights", choices=("x", "y"), default="x", help="X (averaged, default) or Y (DCP only)"
+    )
+    p.add_argument("--steps", type=int, default=None, help="validation batches (validation.steps)")
+    p.add_argument("--batch-size", type=int, default=None, help="validation.local_batch_size")
+    p.add_argument("--seq-len", type=int, default=None, help="validation.seq_len")
+    p.add_argument("--dataset", default=None, help="validation.dataset")
+    p.add_argument("--dataset-path", default=None, help="validation.dataset_path")
+    p.add_argument("--config", default=None, help="training TOML, for exports without metadata")
+    p.add_argument("--out", default=None, help="write OUT.csv and OUT.json (default: next to PATH)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    args = p.parse_args(argv)
+    if args.steps is not None and args.steps < 1:
+        p.error(f"--steps must be >= 1, got {args.steps}")
+    return args
+
+
+# ------------------------------------------------------------------------------------ targets
+def find_targets(path: Path, source: str) -> list[tuple[int, str, Path]]:
+    """(step, "dcp" | "export", folder) to evaluate, in step order."""
+    from amuse_dist.titan.checkpoint import STEP_DIR, complete_steps
+    from amuse_dist.titan.export import is_complete_export
+
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: no such file or folder")
+    if is_complete_export(path):
+        return [(_export_step(path), "export", path)]
+    if STEP_DIR.match(path.name):
+        if not (path / ".metadata").is_file():
+            raise FileNotFoundError(
+                f"{path} is not a complete checkpoint (no DCP .metadata): interrupted save?"
+            )
+        return [(int(STEP_DIR.match(path.name).group(1)), *_pick(path, source))]
+    folder = path / "checkpoint" if (path / "checkpoint").is_dir() else path
+    steps = complete_steps(folder)
+    if not steps:
+        raise FileNotFoundError(
+            f"{path}: no checkpoint found (expected step-N folders with DCP .metadata, an X "
+            "export with amuse_export.json, or a run folder holding checkpoint/)"
+        )
+    return [(s, *_pick(folder / f"step-{s}", source)) for s in steps]
+
+
+def _pick(step_dir: Path, source: str) -> tuple[str, Path]:
+    from amuse_dist.titan.checkpoint import read_meta
+    from amuse_dist.titan.export import is_complete_export
+
+    if source in ("auto", "dcp"):
+        return "dcp", step_dir
+    export = (read_meta(step_dir).get("export") or {}).get("folder", "x")
+    if not is_complete_export(step_dir / export):
+        raise FileNotFoundError(f"{step_dir / export}: no complete X export in this checkpoint")
+    return "export", step_dir / export
+
+
+def _export_step(path: Path) -> int:
+    info = json.loads((path / "amuse_export.json").read_text())
+    return int(info.get("step", -1))
+
+
+def job_config_for(target: Path, kind: str, args: argparse.Namespace) -> Any:
+    """The run's JobConfig (from the checkpoint's metadata or ``--config``), set up for eval."""
+    from amuse_dist.titan.checkpoint import read_meta
+    from amuse_dist.titan.config import parse_job_config
+
+    step_dir = target if kind == "dcp" else target.parent
+    meta = read_meta(step_dir)
+    if args.config:
+        config = parse_job_config(["--job.config_file", args.config])
+    elif "config" in meta:
+        config = parse_job_config([])
+        _assign(config, meta["config"])
+    else:
+        raise FileNotFoundError(
+            f"{step_dir / 'amuse_meta.json'} not found: pass --config with the training TOML"
+        )
+    ck = config.checkpoint
+    ck.enable = True
+    ck.folder = str(step_dir.parent.resolve())
+    ck.exclude_from_loading = ["dataloader", "lr_scheduler", "train_state"]
+    ck.keep_latest_k = 0
+    ck.initial_load_path = None
+    config.metrics.enable_tensorboard = False
+    config.metrics.enable_wandb = False
+    config.anytime.save_on_sigterm = False
+    config.validation.enable = True
+    overrides = {
+        "steps": args.steps,
+        "local_batch_size": args.batch_size,
+        "seq_len": args.seq_len,
+        "dataset": args.dataset,
+        "dataset_path": args.dataset_path,
+    }
+    for key, value in overrides.items():
+        if value is not None:
+            setattr(config.validation, key, value)
+    return config
+
+
+def _assign(obj: Any, values: dict[str, Any]) -> None:
+    """Copy a saved ``dataclasses.asdict`` back onto a JobConfig, section by section."""
+    for key, value in values.items():
+        if not hasattr(obj, key):
+            continue  # a key this version does not know
+        current = getattr(obj, key)
+        if dataclasses.is_dataclass(current) and isinstance(value, dict):
+            _assign(current, value)
+        else:
+            setattr(obj, key, value)
+
+
+# ------------------------------------------------------------------------------------ evaluation
+def evaluate_targets(
+    targets: list[tuple[int, str, Path]], args: argparse.Namespace
+) -> list[dict[str, Any]]:
+    import torch
+    import torch.distributed as dist
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+    from tqdm import tqdm
+
+    from amuse_dist.titan.export import load_hf_export
+    from amuse_dist.titan.trainer import AmuseTrainer
+    from amuse_dist.titan.validator import averaged_weights, weights_swapped
+
+    first_step, first_kind, first_path = targets[0]
+    config = job_config_for(first_path, first_kind, args)
+    config.training.steps = max(1, first_step)
+    trainer = AmuseTrainer(config)
+    rank = dist.get_rank()
+    rows: list[dict[str, Any]] = []
+    try:
+        model_parts = trainer.model_parts
+        bar = tqdm(targets, desc="amuse-eval", unit="ckpt", disable=rank != 0 or args.no_progress)
+        for step, kind, path in bar:
+            if kind == "dcp":
+                trainer.checkpointer.folder = str(path.parent.resolve())
+                trainer.checkpointer.load(step=step)
+                xs = averaged_weights(trainer.optimizers) if args.weights == "x" else {}
+                if xs:
+                    with weights_swapped(model_parts, xs):
+                        loss, tokens = trainer.validator.evaluate(model_parts)
+                else:
+                    loss, tokens = trainer.validator.evaluate(model_parts)
+                weights = "x" if xs else "y"
+            else:
+                state = load_hf_export(path, trainer.checkpointer.sd_adapter)
+                set_model_state_dict(
+                    model_parts[0], state, options=StateDictOptions(full_state_dict=True)
+                )
+                loss, tokens = trainer.validator.evaluate(model_parts)
+                info = json.loads((path / "amuse_export.json").read_text())
+                weights = info.get("weights", "x")
+            rows.append(
+                {
+                    "step": step,
+                    "source": kind,
+                    "weights": weights,
+                    "loss": loss,
+                    "perplexity": math.exp(min(loss, 700.0)),
+                    "tokens": tokens,
+                    "path": str(path),
+                }
+            )
+            bar.set_postfix(step=step, loss=f"{loss:.4f}")
+        torch.distributed.barrier()
+    finally:
+        trainer.close()
+    return rows
+
+
+def write_results(rows: list[dict[str, Any]], out: Path) -> tuple[Path, Path]:
+    out.parent.mkdir(parents=True, exist_ok=True)
+    csv_path, json_path = out.with_suffix(".csv"), out.with_suffix(".json")
+    with open(csv_path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=RESULT_FIELDS)
+        writer.writeheader()
+        writer.writerows(rows)
+    json_path.write_text(json.dumps(rows, indent=2) + "\n")
+    return csv_path, json_path
+
+
+def format_table(rows: list[dict[str, Any]]) -> str:
+    lines = [f"{'step':>8}  {'source':>6}  {'weights':>7}  {'loss':>9}  {'ppl':>10}  {'tokens':>9}"]
+    for r in rows:
+        lines.append(
+            f"{r['step']:>8}  {r['source']:>6}  {r['weights']:>7}  {r['loss']:>9.4f}  "
+            f"{r['perplexity']:>10.2f}  {r['tokens']:>9}"
+        )
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    path = Path(args.path)
+    from amuse_dist.titan import cpu
+
+    cpu.setup_device()  # before anything imports torchtitan
+    try:
+        targets = find_targets(path, args.source)
+    except FileNotFoundError as e:
+        print(f"amuse-eval: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+    from torchtitan.tools.logging import init_logger
+
+    from amuse_dist.train import single_process_env
+
+    init_logger()
+    single_process_env()
+    rows = evaluate_targets(targets, args)
+
+    import torch.distributed as dist
+
+    if dist.get_rank() == 0:
+        out = Path(args.out) if args.out else _default_out(path)
+        csv_path, json_path = write_results(rows, out)
+        print(format_table(rows))
+        print(f"wrote {csv_path} and {json_path}")
+    dist.destroy_process_group()
+
+
+def _default_out(path: Path) -> Path:
+    """Next to what was evaluated; never inside an export folder (it stays as written)."""
+    from amuse_dist.titan.export import is_complete_export
+
+    if is_complete_export(path):
+        return path.parent / f"amuse_eval_{path.name}"
+    return path / "amuse_eval"
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    main()
