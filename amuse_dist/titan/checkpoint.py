@@ -25,6 +25,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 from torch.distributed.checkpoint import FileSystemReader
+from torch.distributed.checkpoint.api import CheckpointException
 from torchtitan.components.checkpoint import AsyncMode, CheckpointManager
 from torchtitan.tools.logging import logger
 
@@ -184,10 +185,10 @@ class AnytimeCheckpointManager(CheckpointManager):
         self.check_compatible(path, model_only=load_step == 0)
         try:
             return super().load(load_step)
-        except Exception as e:  # DCP's own errors name neither the folder nor the cause
+        except (Exception, CheckpointException) as e:  # DCP's errors name neither folder nor cause
             raise CheckpointError(
                 f"checkpoint {path} could not be loaded (corrupt or incomplete files?): "
-                f"{type(e).__name__}: {e}"
+                f"{_describe(e)}"
             ) from e
 
     def check_compatible(self, path: str, model_only: bool = False) -> None:
@@ -230,6 +231,15 @@ class AnytimeCheckpointManager(CheckpointManager):
                 "[optimizer] name, or load the weights only (checkpoint.initial_load_path "
                 "with initial_load_model_only = true)"
             )
+
+
+def _describe(e: BaseException) -> str:
+    """The first rank's underlying error for DCP's CheckpointException, else the error."""
+    failures = getattr(e, "failures", None)
+    if isinstance(e, CheckpointException) and failures:
+        rank, failure = next(iter(failures.items()))
+        return f"rank {rank}: {type(failure).__name__}: {failure}"
+    return f"{type(e).__name__}: {e}"
 
 
 def _publish(tmp: Path, final: Path) -> None:

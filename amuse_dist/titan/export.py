@@ -84,7 +84,7 @@ def export_hf(
         tmp.mkdir(parents=True)
     _barrier()
     config = hf_llama_config(model_args, state_dict)
-    hf_sd = sd_adapter.to_hf(state_dict)
+    hf_sd = sd_adapter.to_hf(_permutable(state_dict, model_args))
     writer = HuggingFaceStorageWriter(
         path=str(tmp), save_distributed=True, enable_consolidation=True
     )
@@ -107,6 +107,24 @@ def export_hf(
         shutil.rmtree(old, ignore_errors=True)
     _barrier()
     return dest
+
+
+def _permutable(state_dict: dict[str, torch.Tensor], model_args: Any) -> dict[str, torch.Tensor]:
+    """Gather the q/k projections whose heads do not split evenly over the shards.
+
+    The HF layout permutes rows within each head; a DTensor can only be viewed per head when
+    every shard holds whole heads. Everything else stays sharded for the distributed writer.
+    """
+    from torch.distributed.tensor import DTensor
+
+    heads = {"attention.wq.weight": model_args.n_heads}
+    heads["attention.wk.weight"] = model_args.n_kv_heads or model_args.n_heads
+    out = dict(state_dict)
+    for key, value in state_dict.items():
+        n = next((h for suffix, h in heads.items() if key.endswith(suffix)), None)
+        if n is not None and isinstance(value, DTensor) and n % value.device_mesh.size() != 0:
+            out[key] = value.full_tensor()
+    return out
 
 
 def is_complete_export(path: str | os.PathLike[str]) -> bool:

@@ -44,7 +44,8 @@ class AmuseTrainer(Trainer):
         """Swap torchtitan's CheckpointManager for the atomic one that also exports X."""
         old = self.checkpointer
         cfg = self.job_config
-        sd_adapter = old.sd_adapter
+        adapter_cls = self.train_spec.state_dict_adapter
+        sd_adapter = adapter_cls(self.model_args, cfg.model.hf_assets_path) if adapter_cls else None
         old.close()
         self.checkpointer = AnytimeCheckpointManager(
             dataloader=self.dataloader,
