@@ -18,6 +18,7 @@ import contextlib
 import hashlib
 import json
 import os
+import random
 import sysconfig
 from collections.abc import Callable, Iterator
 from functools import partial
@@ -36,7 +37,7 @@ SHARD_BYTES = 1_000_000  # several train shards so streaming readers can split b
 
 CORPUS_MARKER = ".corpus_complete.json"
 TOKENIZER_MARKER = ".tokenizer_complete.json"
-_CORPUS_VERSION = 1
+_CORPUS_VERSION = 2
 _TOKENIZER_VERSION = 1
 
 # Folders of the stdlib that are not ordinary prose/code (third-party packages differ between
@@ -208,6 +209,10 @@ def build_local_corpus(
             val_ids.pop()
         train_docs = [d for i, (_, t) in enumerate(files) if i not in val_ids for d in _chunks(t)]
         val_docs = [d for i, (_, t) in enumerate(files) if i in val_ids for d in _chunks(t)]
+        # a fixed shuffle: consecutive batches should not all come from one module (the
+        # loaders read in order), or the training loss tracks the file, not the model
+        random.Random(0).shuffle(train_docs)
+        random.Random(1).shuffle(val_docs)
 
         train_files = _write_jsonl_shards(corpus / "train", train_docs, "train")
         val_files = _write_jsonl_shards(corpus / "validation", val_docs, "validation")
