@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import json
 import math
 import os
 import shutil
@@ -271,6 +272,8 @@ def launch(res: Result, args: list[str], nproc: int, gpu: bool, timeout: int) ->
         except subprocess.TimeoutExpired:
             rc = f"timeout after {timeout} s"
     res.wall_s = time.perf_counter() - t0
+    meta = {"lr": res.lr, "wall_s": res.wall_s, "rc": str(rc)}
+    (res.dump / "convergence_run.json").write_text(json.dumps(meta) + "\n")
     if rc != 0:
         res.ok = False
         res.error = f"exit {rc}"
@@ -310,6 +313,12 @@ def read_tb(dump: Path) -> dict[str, dict[int, float]]:
 
 
 def collect(res: Result) -> None:
+    meta_path = res.dump / "convergence_run.json"
+    if res.wall_s is None and meta_path.exists():  # --no-train: what the run was launched with
+        meta = json.loads(meta_path.read_text())
+        res.lr, res.wall_s = float(meta["lr"]), float(meta["wall_s"])
+        if meta.get("rc", "0") != "0":
+            res.ok, res.error = False, f"exit {meta['rc']}"
     tags = read_tb(res.dump)
     res.x = tags.get(X_TAG, {})
     res.y = tags.get(Y_TAG) or ({} if X_TAG in tags else tags.get(MAIN_TAG, {}))
@@ -338,14 +347,16 @@ def plot(results: list[Result], path: Path, title: str) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(8, 5), dpi=120)
-    finite: list[float] = []
+    finite: list[float] = []  # every evaluation but each curve's first (step 1)
+    first: list[float] = []
     for r in results:
         if not r.curve:
             continue
         color = COLORS.get(r.spec.key)
         steps = sorted(r.curve)
         vals = [r.curve[s] for s in steps]
-        finite += [v for v in vals if math.isfinite(v)]
+        finite += [v for v in vals[1:] if math.isfinite(v)]
+        first += [v for v in vals[:1] if math.isfinite(v)]
         label = r.spec.label + (" at X" if r.x else "")
         ax.plot(steps, vals, marker="o", ms=3, lw=1.8, color=color, label=label)
         if r.x and r.y:
@@ -359,10 +370,20 @@ def plot(results: list[Result], path: Path, title: str) -> None:
                 color=color,
                 label=r.spec.label + " at Y",
             )
-    if finite:  # the first evaluations (near ln(vocab)) would squash the rest of the plot
-        lo = min(finite)
-        later = sorted(finite)[: max(1, int(0.85 * len(finite)))]
-        ax.set_ylim(lo - 0.05 * (max(later) - lo + 1e-3), max(later) + 0.1 * (max(later) - lo))
+    if finite:  # the step-1 evaluations (near ln(vocab)) would squash the rest of the plot
+        lo, hi = min(finite), max(finite)
+        pad = 0.05 * (hi - lo + 1e-3)
+        ax.set_ylim(lo - pad, hi + pad)
+        if first and max(first) > hi + pad:
+            ax.annotate(
+                f"step 1 (off scale): {min(first):.2f}-{max(first):.2f}",
+                xy=(0.01, 0.99),
+                xycoords="axes fraction",
+                va="top",
+                fontsize=8,
+                color="0.3",
+                bbox={"facecolor": "white", "edgecolor": "0.8", "pad": 2},
+            )
     ax.set_xlabel("step")
     ax.set_ylabel("validation loss")
     ax.set_title(title, fontsize=10)
