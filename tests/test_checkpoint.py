@@ -125,14 +125,15 @@ def test_x_and_y_validation_differ_and_x_eval_changes_nothing(
     assert all(a[s] == b[s] for s in a), (a, b)  # bitwise: evaluating X swapped nothing in
 
 
-def _fresh_llama_loss(x_dir: Path, assets: Path, batches: int) -> float:
-    """Load the exported safetensors into a fresh torchtitan Llama and compute the validation
-    loss on the same fixed batches amuse-eval uses (single process)."""
+def _fresh_llama_losses(x_dir: Path, assets: Path, batches: int) -> tuple[float, float]:
+    """Load the exported folder into a fresh torchtitan Llama and into transformers'
+    LlamaForCausalLM; their validation losses on the fixed batches amuse-eval uses."""
     from safetensors.torch import load_file
     from torchtitan.components.tokenizer import HuggingFaceTokenizer
     from torchtitan.hf_datasets.text_datasets import build_text_validation_dataloader
     from torchtitan.models.llama3 import Transformer
     from torchtitan.models.llama3.model.state_dict_adapter import Llama3StateDictAdapter
+    from transformers import LlamaForCausalLM
 
     from amuse_dist.titan import data
     from amuse_dist.titan.config import parse_job_config
@@ -163,6 +164,7 @@ def _fresh_llama_loss(x_dir: Path, assets: Path, batches: int) -> float:
         hf.update(load_file(f))
     model.load_state_dict(Llama3StateDictAdapter(args, None).from_hf(hf), strict=True)
     model.eval()
+    hf_model = LlamaForCausalLM.from_pretrained(x_dir, torch_dtype=torch.float32).eval()
     loader = build_text_validation_dataloader(
         job_config=cfg,
         dp_world_size=1,
@@ -170,17 +172,21 @@ def _fresh_llama_loss(x_dir: Path, assets: Path, batches: int) -> float:
         tokenizer=HuggingFaceTokenizer(str(tokenizer_dir)),
         infinite=True,
     )
-    per_batch = []
+
+    def mean_token_loss(logits: torch.Tensor, labels: torch.Tensor) -> float:
+        ce = torch.nn.functional.cross_entropy(
+            logits.flatten(0, 1).float(), labels.flatten(0, 1), reduction="sum"
+        )
+        return float(ce) / labels.numel()
+
+    titan, hf_losses = [], []
     with torch.no_grad():
         for i, (inputs, labels) in enumerate(loader):
             if i == batches:
                 break
-            logits = model(inputs["input"])
-            ce = torch.nn.functional.cross_entropy(
-                logits.flatten(0, 1).float(), labels.flatten(0, 1), reduction="sum"
-            )
-            per_batch.append(float(ce) / labels.numel())
-    return sum(per_batch) / len(per_batch)
+            titan.append(mean_token_loss(model(inputs["input"]), labels))
+            hf_losses.append(mean_token_loss(hf_model(inputs["input"]).logits, labels))
+    return sum(titan) / len(titan), sum(hf_losses) / len(hf_losses)
 
 
 def test_export_loads_in_fresh_llama_and_matches_amuse_eval(
@@ -210,8 +216,9 @@ def test_export_loads_in_fresh_llama_and_matches_amuse_eval(
     rows = json.loads(out.with_suffix(".json").read_text())
     assert [(r["step"], r["source"], r["weights"]) for r in rows] == [(20, "dcp", "x")]
     assert out.with_suffix(".csv").read_text().startswith("step,source,weights,loss")
-    fresh = _fresh_llama_loss(step_dir / "x", assets, batches=2)
-    assert fresh == pytest.approx(rows[0]["loss"], rel=1e-4), (fresh, rows[0])
+    titan, hf = _fresh_llama_losses(step_dir / "x", assets, batches=2)
+    assert titan == pytest.approx(rows[0]["loss"], rel=1e-4), (titan, rows[0])
+    assert hf == pytest.approx(rows[0]["loss"], rel=1e-4), (hf, rows[0])
     # the whole run folder, in step order, from the exports
     proc = subprocess.run(
         [

@@ -56,7 +56,10 @@ def hf_llama_config(model_args: Any, state_dict: dict[str, torch.Tensor]) -> dic
             "high_freq_factor": rope.high_freq_factor,
             "original_max_position_embeddings": rope.original_max_position_embeddings,
         },
-        "max_position_embeddings": model_args.max_seq_len,
+        # transformers expects at least the RoPE scaling's original context
+        "max_position_embeddings": max(
+            model_args.max_seq_len, rope.original_max_position_embeddings
+        ),
         "vocab_size": model_args.vocab_size,
         "tie_word_embeddings": False,
         "attention_bias": False,
