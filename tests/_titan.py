@@ -110,3 +110,20 @@ def tb_scalars(dump: Path) -> dict[str, list[float]]:
         for tag in acc.Tags()["scalars"]:
             tags.setdefault(tag, []).extend(e.value for e in acc.Scalars(tag))
     return tags
+
+
+STRAIGHT_STEPS = 20
+
+
+def run_args(
+    dump: Path, assets: Path, steps: int = STRAIGHT_STEPS, **overrides: object
+) -> list[str]:
+    """debug_cpu.toml for tests: checkpoints every 10 steps, validation every 5, warmup 6."""
+    base: dict[str, object] = dict(
+        checkpoint__interval=10,
+        validation__freq=5,
+        amuse__warmup_steps=6,
+        training__local_batch_size=4,
+    )
+    base.update(overrides)
+    return debug_args(dump, assets, steps=steps, **base)

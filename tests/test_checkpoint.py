@@ -20,20 +20,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests._titan import DEBUG_TOML, REPO, debug_args, env, losses, torchrun
-
-STEPS = 20
-
-
-def run_args(dump: Path, assets: Path, steps: int = STEPS, **overrides: object) -> list[str]:
-    base = dict(
-        checkpoint__interval=10,
-        validation__freq=5,
-        amuse__warmup_steps=6,
-        training__local_batch_size=4,
-    )
-    base.update(overrides)
-    return debug_args(dump, assets, steps=steps, **base)
+from tests._titan import DEBUG_TOML, REPO, env, losses, run_args, torchrun
+from tests._titan import STRAIGHT_STEPS as STEPS
 
 
 def tb_by_step(dump: Path, tag: str) -> dict[int, float]:
@@ -57,18 +45,6 @@ def read_x(step_dir: Path) -> dict[str, torch.Tensor]:
     for f in files:
         out.update(load_file(f))
     return out
-
-
-@pytest.fixture(scope="module")
-def assets(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return tmp_path_factory.mktemp("assets")
-
-
-@pytest.fixture(scope="module")
-def straight(tmp_path_factory: pytest.TempPathFactory, assets: Path) -> Path:
-    dump = tmp_path_factory.mktemp("straight")
-    torchrun(2, run_args(dump, assets), dump)
-    return dump
 
 
 def test_checkpoint_layout(straight: Path) -> None:

@@ -21,15 +21,6 @@ SEQ = 32
 GBS = 6
 
 
-@pytest.fixture(autouse=True)
-def _offline(monkeypatch: pytest.MonkeyPatch, tmp_path_factory: pytest.TempPathFactory) -> None:
-    hf_home = tmp_path_factory.mktemp("hf_home")
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
-    monkeypatch.setenv("HF_HOME", str(hf_home))
-    monkeypatch.setenv("HF_DATASETS_CACHE", str(hf_home / "datasets"))
-
-
 @pytest.fixture(scope="module")
 def assets(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Any]:
     from torchtitan.components.tokenizer import HuggingFaceTokenizer

@@ -4,7 +4,6 @@ Each run is ~10 steps of the tiny debug model (about 20-30 s, mostly torchrun st
 """
 
 import math
-import shutil
 from pathlib import Path
 
 import pytest
@@ -14,23 +13,27 @@ from tests._titan import debug_args, losses, tb_scalars, torchrun
 
 
 @pytest.fixture(scope="module")
-def assets(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """One corpus + tokenizer build shared by every run in this module."""
-    return tmp_path_factory.mktemp("assets")
+def amuse_run(straight: Path) -> tuple[Path, dict]:
+    """The shared straight AMUSE run (tests/conftest.py): 20 steps on 2 ranks."""
+    return straight, tb_losses(straight)
 
 
-@pytest.fixture(scope="module")
-def amuse_run(tmp_path_factory: pytest.TempPathFactory, assets: Path) -> tuple[Path, dict]:
-    dump = tmp_path_factory.mktemp("amuse")
-    proc = torchrun(2, debug_args(dump, assets, steps=10), dump)
-    return dump, losses(proc.stdout + proc.stderr)
+def tb_losses(dump: Path) -> dict[int, float]:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    out: dict[int, float] = {}
+    for f in sorted(dump.glob("tb/**/events.out.tfevents.*")):
+        acc = EventAccumulator(str(f))
+        acc.Reload()
+        out.update({e.step: e.value for e in acc.Scalars("loss_metrics/global_avg_loss")})
+    return out
 
 
 def test_amuse_loss_finite_and_decreasing(amuse_run: tuple[Path, dict]) -> None:
     _, loss = amuse_run
-    assert sorted(loss) == list(range(1, 11)), loss
+    assert sorted(loss) == list(range(1, 21)), loss
     assert all(math.isfinite(v) for v in loss.values()), loss
-    first, last3 = loss[1], sum(loss[s] for s in (8, 9, 10)) / 3
+    first, last3 = loss[1], sum(loss[s] for s in (18, 19, 20)) / 3
     assert last3 < first - 0.1, loss
 
 
@@ -49,24 +52,8 @@ def test_amuse_tensorboard(amuse_run: tuple[Path, dict]) -> None:
     ):
         assert tag in tags, sorted(tags)
         assert all(math.isfinite(v) for v in tags[tag]), (tag, tags[tag])
-    assert len(tags["amuse/beta"]) == 10
+    assert len(tags["amuse/beta"]) == 20
     assert "validation_metrics/loss" in tags
-
-
-def test_amuse_checkpoint_resume_matches(
-    amuse_run: tuple[Path, dict], tmp_path: Path, assets: Path
-) -> None:
-    """Resume from the step-5 checkpoint and replay steps 6-10: same losses as the straight run
-    (optimizer state goes through OptimizersContainer's get/set_optimizer_state_dict)."""
-    dump, straight = amuse_run
-    assert (dump / "checkpoint" / "step-5").is_dir(), list((dump / "checkpoint").iterdir())
-    resumed_dump = tmp_path / "resumed"
-    shutil.copytree(dump / "checkpoint" / "step-5", resumed_dump / "checkpoint" / "step-5")
-    proc = torchrun(2, debug_args(resumed_dump, assets, steps=10), tmp_path)
-    resumed = losses(proc.stdout + proc.stderr)
-    assert sorted(resumed) == list(range(6, 11)), resumed
-    for s in range(6, 11):
-        assert resumed[s] == pytest.approx(straight[s], rel=1e-5, abs=1e-5), (s, resumed, straight)
 
 
 @pytest.mark.parametrize("name", ["AdamW", "Muon", "ScheduleFreeAdamW"])

@@ -1,0 +1,36 @@
+"""Shared end-to-end runs: one offline corpus/tokenizer build and one straight AMUSE run of the
+real trainer (2 CPU ranks) serve every test that only reads their results."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests._titan import run_args, torchrun
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _offline_hub(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+    """No test may reach a hub: offline flags and a private, empty HF cache."""
+    hf_home = tmp_path_factory.mktemp("hf_home")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("HF_HUB_OFFLINE", "1")
+        mp.setenv("HF_DATASETS_OFFLINE", "1")
+        mp.setenv("HF_HOME", str(hf_home))
+        mp.setenv("HF_DATASETS_CACHE", str(hf_home / "datasets"))
+        yield
+
+
+@pytest.fixture(scope="session")
+def assets(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("assets")
+
+
+@pytest.fixture(scope="session")
+def straight(tmp_path_factory: pytest.TempPathFactory, assets: Path) -> Path:
+    """20 AMUSE steps on 2 ranks: checkpoints (with X) at 10 and 20, validation every 5."""
+    dump = tmp_path_factory.mktemp("straight")
+    torchrun(2, run_args(dump, assets), dump)
+    return dump
