@@ -13,7 +13,7 @@ rate and the LR schedule differ:
 * ``muon_constant``  the same Muon, linear warmup then constant LR
 * ``amuse``          AMUSE, warmup inside the optimizer, no LR schedule; evaluated at X
 
-All warmups are 10% of the steps. Each run saves one model-only checkpoint, at its last step.
+All warmups are 10% of the steps. No checkpoints are written.
 The validation loss is read from each run's TensorBoard event files: ``validation_x/loss`` (the
 averaged weights X, AMUSE and SF-AdamW) and ``validation_y/loss`` (the training weights Y),
 falling back to ``validation_metrics/loss`` when the trainer does not log them. X is what these
@@ -205,15 +205,7 @@ def trainer_args(
         str(prof.val_steps),
         "--metrics.log_freq",
         str(max(1, min(10, prof.val_freq))),
-        # one model-only checkpoint at the last step (X exported next to it); also sidesteps
-        # AmuseTrainer's crash with [checkpoint] enable = false (no sd_adapter on a disabled
-        # CheckpointManager)
-        "--checkpoint.enable",
-        "--checkpoint.interval",
-        str(steps),
-        "--checkpoint.keep_latest_k",
-        "0",
-        "--checkpoint.last_save_model_only",
+        "--checkpoint.no-enable",  # pass -- --checkpoint.enable to keep the weights
         "--debug.seed",
         "0",
     ]
