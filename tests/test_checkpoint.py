@@ -165,59 +165,30 @@ def _fresh_llama_losses(x_dir: Path, assets: Path, batches: int) -> tuple[float,
     return sum(titan) / len(titan), sum(hf_losses) / len(hf_losses)
 
 
+def amuse_eval(target: Path, out: Path, tmp_path: Path, *extra: str) -> list[dict]:
+    """Run ``python -m amuse_dist.eval`` on 2 fixed batches of 4; its JSON rows."""
+    cmd = [sys.executable, "-m", "amuse_dist.eval", str(target), *extra]
+    cmd += ["--steps", "2", "--batch-size", "4", "--out", str(out), "--no-progress"]
+    proc = subprocess.run(
+        cmd, cwd=REPO, env=env(tmp_path), capture_output=True, text=True, timeout=300
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return json.loads(out.with_suffix(".json").read_text())
+
+
 def test_export_loads_in_fresh_llama_and_matches_amuse_eval(
     straight: Path, tmp_path: Path, assets: Path
 ) -> None:
     step_dir = straight / "checkpoint" / "step-20"
     out = tmp_path / "eval"
-    cmd = [
-        sys.executable,
-        "-m",
-        "amuse_dist.eval",
-        str(step_dir),
-        "--source",
-        "dcp",
-        "--steps",
-        "2",
-        "--batch-size",
-        "4",
-        "--out",
-        str(out),
-        "--no-progress",
-    ]
-    proc = subprocess.run(
-        cmd, cwd=REPO, env=env(tmp_path), capture_output=True, text=True, timeout=300
-    )
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    rows = json.loads(out.with_suffix(".json").read_text())
+    rows = amuse_eval(step_dir, out, tmp_path, "--source", "dcp")
     assert [(r["step"], r["source"], r["weights"]) for r in rows] == [(20, "dcp", "x")]
     assert out.with_suffix(".csv").read_text().startswith("step,source,weights,loss")
     titan, hf = _fresh_llama_losses(step_dir / "x", assets, batches=2)
     assert titan == pytest.approx(rows[0]["loss"], rel=1e-4), (titan, rows[0])
     assert hf == pytest.approx(rows[0]["loss"], rel=1e-4), (hf, rows[0])
     # the whole run folder, in step order, from the exports
-    proc = subprocess.run(
-        [
-            *cmd[:3],
-            str(straight),
-            "--source",
-            "export",
-            "--steps",
-            "2",
-            "--batch-size",
-            "4",
-            "--out",
-            str(out),
-            "--no-progress",
-        ],
-        cwd=REPO,
-        env=env(tmp_path),
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    rows_all = json.loads(out.with_suffix(".json").read_text())
+    rows_all = amuse_eval(straight, out, tmp_path, "--source", "export")
     assert [r["step"] for r in rows_all] == [10, 20]
     assert rows_all[1]["loss"] == pytest.approx(rows[0]["loss"], rel=1e-5)
 
