@@ -253,6 +253,7 @@ def main(argv: list[str] | None = None) -> None:
         csv_path, json_path = write_results(rows, out)
         print(format_table(rows))
         print(f"wrote {csv_path} and {json_path}")
+    dist.barrier()
     dist.destroy_process_group()
 
 

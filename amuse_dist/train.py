@@ -91,6 +91,8 @@ def main(argv: list[str] | None = None) -> None:
         raise
     trainer.close()
     if torch.distributed.is_initialized():
+        # leave together: a rank tearing down gloo while a peer still talks to it can abort
+        torch.distributed.barrier()
         torch.distributed.destroy_process_group()
 
 
