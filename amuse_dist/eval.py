@@ -240,7 +240,7 @@ def main(argv: list[str] | None = None) -> None:
 
     from torchtitan.tools.logging import init_logger
 
-    from amuse_dist.train import single_process_env
+    from amuse_dist.train import leave_process_group, single_process_env
 
     init_logger()
     single_process_env()
@@ -253,8 +253,7 @@ def main(argv: list[str] | None = None) -> None:
         csv_path, json_path = write_results(rows, out)
         print(format_table(rows))
         print(f"wrote {csv_path} and {json_path}")
-    dist.barrier()
-    dist.destroy_process_group()
+    leave_process_group()
 
 
 def _default_out(path: Path) -> Path:

@@ -27,6 +27,24 @@ def single_process_env() -> None:
     )
 
 
+def leave_process_group() -> None:
+    """Leave together and end the process without Python's interpreter finalization.
+
+    Every rank waits at a barrier, destroys its process groups, flushes its output and exits.
+    Skipping finalization avoids an abort (SIGABRT) seen at exit after all work was done: gloo's
+    worker threads can still hold tensors while the interpreter tears down
+    (pytorch/pytorch#179291). Call it only once everything is saved and closed.
+    """
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
+
+
 def _config_path(args: list[str]) -> str | None:
     for i, a in enumerate(args):
         for key in ("--job.config_file", "--job.config-file"):
@@ -64,8 +82,6 @@ def main(argv: list[str] | None = None) -> None:
         raise SystemExit(2) from None
 
     single_process_env()
-    import torch
-
     from amuse_dist.titan.checkpoint import CheckpointError
     from amuse_dist.titan.trainer import AmuseTrainer, dump_full_state
 
@@ -90,10 +106,7 @@ def main(argv: list[str] | None = None) -> None:
             trainer.close()
         raise
     trainer.close()
-    if torch.distributed.is_initialized():
-        # leave together: a rank tearing down gloo while a peer still talks to it can abort
-        torch.distributed.barrier()
-        torch.distributed.destroy_process_group()
+    leave_process_group()
 
 
 if __name__ == "__main__":

@@ -20,6 +20,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from toy import batch, loss_fn, make_model  # noqa: E402
 
 from amuse_dist import AMUSE, Muon, param_groups  # noqa: E402
+from amuse_dist.train import leave_process_group  # noqa: E402
 
 HP = dict(lr=0.02, warmup_steps=6, beta1=0.6, rho=0.8, momentum=0.95, weight_decay=0.05)
 
@@ -126,7 +127,7 @@ def main() -> None:
     dist.all_gather_object(gathered, result)
     if dist.get_rank() == 0:
         torch.save(gathered, args.out)
-    dist.destroy_process_group()
+    leave_process_group()
 
 
 if __name__ == "__main__":
