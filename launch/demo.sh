@@ -10,12 +10,13 @@ export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 
 echo "== training: train_configs/debug_cpu.toml on 2 CPU ranks -> $RUN_DIR"
+mkdir -p "$RUN_DIR"
 start=$(date +%s)
 NPROC=2 bash launch/run_local.sh --job.config_file train_configs/debug_cpu.toml \
-  --job.dump_folder "$RUN_DIR" "$@" 2>&1 | tee "$RUN_DIR.train.log" | grep --line-buffered -E \
+  --job.dump_folder "$RUN_DIR" "$@" 2>&1 | tee "$RUN_DIR/train.log" | grep --line-buffered -E \
   "step: +[0-9]+ +loss|validate step|Saving checkpoint|preempted|Error|error" || true
 status=${PIPESTATUS[0]}
-[ "$status" -eq 0 ] || { echo "training failed (exit $status), log: $RUN_DIR.train.log"; exit "$status"; }
+[ "$status" -eq 0 ] || { echo "training failed (exit $status), log: $RUN_DIR/train.log"; exit "$status"; }
 echo "== training took $(( $(date +%s) - start )) s; checkpoints:"
 ls "$RUN_DIR/checkpoint"
 
@@ -23,8 +24,8 @@ echo "== evaluating X of every checkpoint (amuse-eval)"
 python -m amuse_dist.eval "$RUN_DIR" --steps 5 --no-progress 2>&1 | grep -v "^\[titan\]" \
   | grep -E "^ +(step|[0-9]+) |^wrote" || true
 
-first=$(grep -m1 -oE "step: +1 +loss: +[0-9.]+" "$RUN_DIR.train.log" | awk '{print $NF}')
-last=$(grep -v "validate" "$RUN_DIR.train.log" | grep -oE "step: +[0-9]+ +loss: +[0-9.]+" | tail -1 | awk '{print $NF}')
+first=$(grep -m1 -oE "step: +1 +loss: +[0-9.]+" "$RUN_DIR/train.log" | awk '{print $NF}')
+last=$(grep -v "validate" "$RUN_DIR/train.log" | grep -oE "step: +[0-9]+ +loss: +[0-9.]+" | tail -1 | awk '{print $NF}')
 echo "== done: training loss $first -> $last"
 echo "   TensorBoard: tensorboard --logdir $RUN_DIR/tb"
 echo "   X weights (Hugging Face Llama): $RUN_DIR/checkpoint/step-*/x"
