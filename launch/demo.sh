@@ -12,10 +12,12 @@ export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 echo "== training: train_configs/debug_cpu.toml on 2 CPU ranks -> $RUN_DIR"
 mkdir -p "$RUN_DIR"
 start=$(date +%s)
+set +e  # keep the trainer's exit status, whatever grep finds
 NPROC=2 bash launch/run_local.sh --job.config_file train_configs/debug_cpu.toml \
   --job.dump_folder "$RUN_DIR" "$@" 2>&1 | tee "$RUN_DIR/train.log" | grep --line-buffered -E \
-  "step: +[0-9]+ +loss|validate step|Saving checkpoint|preempted|Error|error" || true
+  "step: +[0-9]+ +loss|validate step|Saving checkpoint|preempted|Error|error"
 status=${PIPESTATUS[0]}
+set -e
 [ "$status" -eq 0 ] || { echo "training failed (exit $status), log: $RUN_DIR/train.log"; exit "$status"; }
 echo "== training took $(( $(date +%s) - start )) s; checkpoints:"
 ls "$RUN_DIR/checkpoint"
