@@ -25,6 +25,20 @@ def env(tmp: Path) -> dict[str, str]:
     return e
 
 
+def torchrun_cmd(nproc: int, *target: str) -> list[str]:
+    """torchrun on one node with ``nproc`` ranks running ``target``; rank 0's output only."""
+    return [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nnodes=1",
+        f"--nproc_per_node={nproc}",
+        "--local-ranks-filter=0",
+        *target,
+    ]
+
+
 def torchrun(
     nproc: int,
     args: list[str],
@@ -33,18 +47,7 @@ def torchrun(
     timeout: int = 600,
 ) -> subprocess.CompletedProcess[str]:
     """Run ``amuse_dist.train`` on ``nproc`` CPU ranks; rank 0's output is captured."""
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--standalone",
-        "--nnodes=1",
-        f"--nproc_per_node={nproc}",
-        "--local-ranks-filter=0",
-        "-m",
-        "amuse_dist.train",
-        *args,
-    ]
+    cmd = torchrun_cmd(nproc, "-m", "amuse_dist.train", *args)
     e = env(tmp)
     e.update(extra_env or {})
     proc = subprocess.run(cmd, cwd=REPO, env=e, capture_output=True, text=True, timeout=timeout)

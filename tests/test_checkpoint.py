@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests._titan import DEBUG_TOML, REPO, env, losses, run_args, torchrun
+from tests._titan import DEBUG_TOML, REPO, env, losses, run_args, torchrun, torchrun_cmd
 from tests._titan import STRAIGHT_STEPS as STEPS
 
 
@@ -195,17 +195,12 @@ def test_export_loads_in_fresh_llama_and_matches_amuse_eval(
 
 def test_sigterm_saves_a_resumable_checkpoint(tmp_path: Path, assets: Path) -> None:
     dump = tmp_path / "preempted"
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--standalone",
-        "--nproc_per_node=2",
-        "--local-ranks-filter=0",
+    cmd = torchrun_cmd(
+        2,
         "-m",
         "amuse_dist.train",
         *run_args(dump, assets, steps=1000, validation__enable=False, checkpoint__interval=500),
-    ]
+    )
     proc = subprocess.Popen(
         cmd,
         cwd=REPO,
@@ -242,17 +237,12 @@ def test_killed_export_leaves_previous_checkpoint_intact(
     dump = tmp_path / "crash"
     shutil.copytree(straight / "checkpoint" / "step-10", dump / "checkpoint" / "step-10")
     before = {p.name: p.stat().st_size for p in (dump / "checkpoint" / "step-10").rglob("*")}
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--standalone",
-        "--nproc_per_node=2",
-        "--local-ranks-filter=0",
+    cmd = torchrun_cmd(
+        2,
         str(REPO / "tests" / "crash_export_worker.py"),
         "20",
         *run_args(dump, assets, validation__enable=False),
-    ]
+    )
     proc = subprocess.run(
         cmd, cwd=REPO, env=env(tmp_path), capture_output=True, text=True, timeout=300
     )
@@ -267,16 +257,12 @@ def test_killed_export_leaves_previous_checkpoint_intact(
 
 
 def _resume_error(dump: Path, assets: Path, tmp_path: Path, **overrides: object) -> str:
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--standalone",
-        "--nproc_per_node=1",
+    cmd = torchrun_cmd(
+        1,
         "-m",
         "amuse_dist.train",
         *run_args(dump, assets, steps=12, validation__enable=False, **overrides),
-    ]
+    )
     proc = subprocess.run(
         cmd, cwd=REPO, env=env(tmp_path), capture_output=True, text=True, timeout=300
     )
