@@ -104,9 +104,8 @@ class AMUSE(Optimizer):
             group.setdefault(_LR_T, 0.0)
             group.setdefault(_BETA, float(group["beta1"]))
             group.setdefault(_C, 0.0)
-        all_params = [p for g in self.param_groups for p in g["params"]]
         self._muon = MuonBranch(
-            self._names, ns_steps, ns_dtype, default_replicated_group(all_params, process_group)
+            self._names, ns_steps, ns_dtype, default_replicated_group(process_group)
         )
         self._sq_sums: dict[str, torch.Tensor] = {}
         self._numels: dict[str, int] = {}

@@ -119,9 +119,7 @@ class MuonBranch:
         return self._ns
 
 
-def default_replicated_group(
-    params: Iterable[torch.Tensor], group: dist.ProcessGroup | None
-) -> dist.ProcessGroup | None:
+def default_replicated_group(group: dist.ProcessGroup | None) -> dist.ProcessGroup | None:
     """Group over which plain (non-DTensor) parameters are replicated, if any.
 
     With torch.distributed initialized and more than one rank, plain tensors are taken to be

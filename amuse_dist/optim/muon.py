@@ -51,10 +51,7 @@ class Muon(Optimizer):
         )
         groups, names = split_named(params)
         super().__init__(groups, defaults)
-        all_params = [p for g in self.param_groups for p in g["params"]]
-        self._muon = MuonBranch(
-            names, ns_steps, ns_dtype, default_replicated_group(all_params, process_group)
-        )
+        self._muon = MuonBranch(names, ns_steps, ns_dtype, default_replicated_group(process_group))
 
     @torch.no_grad()
     def step(self, closure: Callable[[], float] | None = None) -> float | None:  # type: ignore[override]
