@@ -6,6 +6,7 @@ everything else of the container (flattened get/set_optimizer_state_dict for che
 hooks, one optimizer per model part) so DCP checkpoints and LR schedulers keep working.
 """
 
+import dataclasses
 from collections.abc import Callable
 from typing import Any
 
@@ -14,6 +15,8 @@ from torch.optim import Optimizer
 from torchtitan.components.ft import FTManager
 from torchtitan.components.optimizer import OptimizersContainer, build_optimizers
 from torchtitan.distributed import ParallelDims
+
+from amuse_dist.optim import AMUSE, Muon, param_groups, schedule_free_adamw
 
 OptimizerFactory = Callable[[nn.Module], Optimizer]
 
@@ -32,27 +35,12 @@ class GroupedOptimizersContainer(OptimizersContainer):
 
 
 def _factory(name: str, cfg: Any) -> OptimizerFactory:
-    """Lazy import: amuse_dist.optim may land after this module."""
-    from amuse_dist.optim import AMUSE, Muon, param_groups
-
+    """A builder of one model part's optimizer from the job config."""
     o = cfg.optimizer
     if name == "AMUSE":
-        a = cfg.amuse
-        return lambda m: AMUSE(
-            param_groups(m),
-            lr=o.lr,
-            warmup_steps=a.warmup_steps,
-            beta1=a.beta1,
-            rho=a.rho,
-            momentum=a.momentum,
-            weight_decay=a.weight_decay,
-            betas2=a.betas2,
-            eps=a.eps,
-            weight_lr_power=a.weight_lr_power,
-            r=a.r,
-            ns_steps=a.ns_steps,
-            exact_x=a.exact_x,
-        )
+        # [amuse] holds exactly AMUSE's keyword arguments (lr comes from [optimizer])
+        amuse_kwargs = dataclasses.asdict(cfg.amuse)
+        return lambda m: AMUSE(param_groups(m), lr=o.lr, **amuse_kwargs)
     if name == "Muon":
         mu = cfg.muon
         return lambda m: Muon(
@@ -66,8 +54,6 @@ def _factory(name: str, cfg: Any) -> OptimizerFactory:
             ns_steps=mu.ns_steps,
         )
     if name == "ScheduleFreeAdamW":
-        from amuse_dist.optim import schedule_free_adamw
-
         return lambda m: schedule_free_adamw(
             [p for p in m.parameters() if p.requires_grad],
             lr=o.lr,
