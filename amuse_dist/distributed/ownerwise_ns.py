@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import math
 from collections import defaultdict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -121,10 +121,17 @@ class OwnerwiseNewtonSchulz:
         self.owned_log: list[int] = []
         self.matrices_done = 0
 
-    def __call__(self, updates: Sequence[torch.Tensor]) -> list[torch.Tensor]:
-        """Return this rank's piece of NS5(u) * scale for every task, in ``ns_dtype``."""
+    def __call__(
+        self, updates: Sequence[torch.Tensor], overlap: Callable[[], None] | None = None
+    ) -> list[torch.Tensor]:
+        """Return this rank's piece of NS5(u) * scale for every task, in ``ns_dtype``.
+
+        ``overlap`` is called once, while the exchange is in flight (other work hides there).
+        """
         if len(updates) != len(self.tasks):
             raise ValueError(f"expected {len(self.tasks)} updates, got {len(updates)}")
+        if overlap is not None:
+            overlap()
         out: list[torch.Tensor | None] = [None] * len(self.tasks)
         self.owned_log = []
         for members in self._groups:

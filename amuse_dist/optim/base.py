@@ -8,7 +8,7 @@ rebuilt only when the set of parameters with gradients changes.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 import torch
@@ -103,8 +103,13 @@ class MuonBranch:
         params: Sequence[torch.Tensor],
         splits: Sequence[Sequence[int]],
         updates: Sequence[torch.Tensor],
+        overlap: Callable[[], None] | None = None,
     ) -> list[torch.Tensor]:
-        """Local pieces of NS5(update) * scale for each parameter (ns dtype)."""
+        """Local pieces of NS5(update) * scale for each parameter (ns dtype).
+
+        ``overlap`` (optional) is called exactly once, while the exchange is in flight where there
+        is one: the optimizer's other branch runs its elementwise math there.
+        """
         key = tuple(id(p) for p in params)
         if key != self._key:
             self._ns = OwnerwiseNewtonSchulz(
@@ -112,7 +117,7 @@ class MuonBranch:
             )
             self._key = key
         assert self._ns is not None
-        return self._ns(updates)
+        return self._ns(updates, overlap)
 
     @property
     def ns(self) -> OwnerwiseNewtonSchulz | None:
