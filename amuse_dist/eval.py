@@ -17,10 +17,11 @@ import csv
 import dataclasses
 import json
 import math
-import os
 import sys
 from pathlib import Path
 from typing import Any
+
+from amuse_dist.titan import launch
 
 RESULT_FIELDS = ("step", "source", "weights", "loss", "perplexity", "tokens", "path")
 
@@ -161,6 +162,7 @@ def evaluate_targets(
 
     first_step, first_kind, first_path = targets[0]
     config = job_config_for(first_path, first_kind, args)
+    launch.offline_hub_defaults(launch.job_datasets(config))
     config.training.steps = max(1, first_step)
     trainer = AmuseTrainer(config)
     rank = dist.get_rank()
@@ -229,9 +231,7 @@ def format_table(rows: list[dict[str, Any]]) -> str:
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     path = Path(args.path)
-    from amuse_dist.titan import cpu
-
-    cpu.setup_device()  # before anything imports torchtitan
+    launch.setup_device()  # before anything imports torchtitan
     try:
         targets = find_targets(path, args.source)
     except FileNotFoundError as e:
@@ -240,10 +240,8 @@ def main(argv: list[str] | None = None) -> None:
 
     from torchtitan.tools.logging import init_logger
 
-    from amuse_dist.train import leave_process_group, single_process_env
-
     init_logger()
-    single_process_env()
+    launch.single_process_env()
     rows = evaluate_targets(targets, args)
 
     import torch.distributed as dist
@@ -253,7 +251,7 @@ def main(argv: list[str] | None = None) -> None:
         csv_path, json_path = write_results(rows, out)
         print(format_table(rows))
         print(f"wrote {csv_path} and {json_path}")
-    leave_process_group()
+    launch.leave_process_group()
 
 
 def _default_out(path: Path) -> Path:
@@ -266,5 +264,4 @@ def _default_out(path: Path) -> Path:
 
 
 if __name__ == "__main__":
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
     main()

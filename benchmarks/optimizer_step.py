@@ -317,7 +317,7 @@ def worker(args: argparse.Namespace) -> None:
     if rank == 0:
         with open(args.out, "w") as f:
             json.dump({"world_size": ws, "ranks": gathered, "muon_shapes": shapes}, f)
-    from amuse_dist.train import leave_process_group
+    from amuse_dist.titan.launch import leave_process_group
 
     leave_process_group()
 

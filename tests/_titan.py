@@ -39,6 +39,22 @@ def torchrun_cmd(nproc: int, *target: str) -> list[str]:
     ]
 
 
+def run_worker(script: Path, nproc: int, args: list[str], out: Path, timeout: int = 300) -> Any:
+    """Run a worker script on ``nproc`` gloo ranks; return what it saved to ``out`` (torch.save)."""
+    import torch
+
+    e = env(out.parent)
+    e["CUDA_VISIBLE_DEVICES"] = ""
+    cmd = torchrun_cmd(nproc, str(script), *args, "--out", str(out))
+    cmd.remove("--local-ranks-filter=0")  # a failing worker's traceback may be on any rank
+    proc = subprocess.run(cmd, cwd=REPO, env=e, capture_output=True, text=True, timeout=timeout)
+    if proc.returncode != 0:
+        raise AssertionError(
+            f"{' '.join(cmd)} failed:\n{proc.stdout[-4000:]}\n{proc.stderr[-8000:]}"
+        )
+    return torch.load(out, weights_only=False)
+
+
 def torchrun(
     nproc: int,
     args: list[str],
@@ -101,18 +117,24 @@ def losses(output: str) -> dict[int, float]:
     return out
 
 
-def tb_scalars(dump: Path) -> dict[str, list[float]]:
+def tb_scalars(dump: Path) -> dict[str, dict[int, float]]:
+    """{tag: {step: value}} from a run's TensorBoard files (a resumed run's later write wins)."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     files = sorted(dump.glob("tb/**/events.out.tfevents.*"))
     assert files, f"no TensorBoard event files under {dump / 'tb'}"
-    tags: dict[str, list[float]] = {}
+    tags: dict[str, dict[int, float]] = {}
     for f in files:
-        acc = EventAccumulator(str(f))
+        acc = EventAccumulator(str(f), size_guidance={"scalars": 0})
         acc.Reload()
         for tag in acc.Tags()["scalars"]:
-            tags.setdefault(tag, []).extend(e.value for e in acc.Scalars(tag))
+            tags.setdefault(tag, {}).update({e.step: e.value for e in acc.Scalars(tag)})
     return tags
+
+
+def tb_by_step(dump: Path, tag: str) -> dict[int, float]:
+    """{step: value} of one TensorBoard tag ({} when the run never logged it)."""
+    return tb_scalars(dump).get(tag, {})
 
 
 STRAIGHT_STEPS = 20

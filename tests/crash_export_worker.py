@@ -7,9 +7,9 @@ import os
 import sys
 from pathlib import Path
 
-from amuse_dist.titan import cpu
+from amuse_dist.titan import launch
 
-cpu.setup_device()
+launch.setup_device()
 
 import amuse_dist.titan.trainer as trainer_module  # noqa: E402
 from amuse_dist.train import main  # noqa: E402

@@ -7,8 +7,6 @@ all-reduced by hand as DDP would), "refuse" (HSDP and TP layouts must be refused
 from __future__ import annotations
 
 import argparse
-import sys
-from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -16,13 +14,9 @@ from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import fully_shard
 from torch.distributed.tensor import DTensor, Shard, distribute_tensor
 
-sys.path.insert(0, str(Path(__file__).parent))
-from toy import batch, loss_fn, make_model  # noqa: E402
-
-from amuse_dist import AMUSE, Muon, param_groups  # noqa: E402
-from amuse_dist.train import leave_process_group  # noqa: E402
-
-HP = dict(lr=0.02, warmup_steps=6, beta1=0.6, rho=0.8, momentum=0.95, weight_decay=0.05)
+from amuse_dist import AMUSE, Muon, param_groups
+from amuse_dist.titan.launch import leave_process_group
+from tests.toy import HP, batch, loss_fn, make_model
 
 
 def full(t: torch.Tensor) -> torch.Tensor:

@@ -20,20 +20,17 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests._titan import DEBUG_TOML, REPO, env, losses, run_args, torchrun, torchrun_cmd
+from tests._titan import (
+    DEBUG_TOML,
+    REPO,
+    env,
+    losses,
+    run_args,
+    tb_by_step,
+    torchrun,
+    torchrun_cmd,
+)
 from tests._titan import STRAIGHT_STEPS as STEPS
-
-
-def tb_by_step(dump: Path, tag: str) -> dict[int, float]:
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
-    out: dict[int, float] = {}
-    for f in sorted(dump.glob("tb/**/events.out.tfevents.*")):
-        acc = EventAccumulator(str(f))
-        acc.Reload()
-        if tag in acc.Tags()["scalars"]:
-            out.update({e.step: e.value for e in acc.Scalars(tag)})
-    return out
 
 
 def read_x(step_dir: Path) -> dict[str, torch.Tensor]:

@@ -11,21 +11,16 @@ from pathlib import Path
 
 import pytest
 import torch
-from spawn import torchrun
-from toy import batch, loss_fn, make_model
 
 from amuse_dist import AMUSE, Muon, param_groups
 from amuse_dist.distributed.owners import assign_owners, imbalance, round_robin_owners
 from amuse_dist.optim.newton_schulz import ns_flops
+from tests._titan import run_worker
+from tests.toy import HP, batch, loss_fn, make_model, rel
 
 WORKER = Path(__file__).parent / "dist_worker.py"
-HP = dict(lr=0.02, warmup_steps=6, beta1=0.6, rho=0.8, momentum=0.95, weight_decay=0.05)
 STEPS = 20
 N_MUON = 4  # up, mid, tiny, back
-
-
-def rel(a: torch.Tensor, b: torch.Tensor) -> float:
-    return float((a - b).norm() / b.norm().clamp_min(1e-30))
 
 
 @functools.cache
@@ -54,7 +49,7 @@ def _run(mode: str, nproc: int, optimizer: str, exact_x: bool, tmp: str) -> list
     args = ["--mode", mode, "--optimizer", optimizer, "--steps", str(STEPS)]
     args += ["--exact-x"] if exact_x else []
     out = Path(tmp) / f"{mode}-{nproc}-{optimizer}-{exact_x}.pt"
-    return torchrun(WORKER, nproc, args, out)
+    return run_worker(WORKER, nproc, args, out)
 
 
 @pytest.fixture(scope="module")

@@ -6,16 +6,13 @@ import copy
 
 import pytest
 import torch
-from reference_amuse import ReferenceAMUSE
-from toy import batch, loss_fn, make_model
 
 from amuse_dist import AMUSE, param_groups
+from tests.reference_amuse import ReferenceAMUSE
+from tests.toy import HP as TOY_HP
+from tests.toy import batch, loss_fn, make_model, rel
 
-HP = dict(lr=0.02, warmup_steps=10, beta1=0.6, rho=0.8, momentum=0.95, weight_decay=0.05)
-
-
-def rel(a: torch.Tensor, b: torch.Tensor) -> float:
-    return float((a - b).detach().norm() / b.detach().norm().clamp_min(1e-30))
+HP = dict(TOY_HP, warmup_steps=10)
 
 
 def train_pair(exact_x: bool, steps: int):

@@ -9,24 +9,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests._titan import debug_args, losses, tb_scalars, torchrun
+from tests._titan import debug_args, losses, tb_by_step, tb_scalars, torchrun
 
 
 @pytest.fixture(scope="module")
 def amuse_run(straight: Path) -> tuple[Path, dict]:
     """The shared straight AMUSE run (tests/conftest.py): 20 steps on 2 ranks."""
-    return straight, tb_losses(straight)
-
-
-def tb_losses(dump: Path) -> dict[int, float]:
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
-    out: dict[int, float] = {}
-    for f in sorted(dump.glob("tb/**/events.out.tfevents.*")):
-        acc = EventAccumulator(str(f))
-        acc.Reload()
-        out.update({e.step: e.value for e in acc.Scalars("loss_metrics/global_avg_loss")})
-    return out
+    return straight, tb_by_step(straight, "loss_metrics/global_avg_loss")
 
 
 def test_amuse_loss_finite_and_decreasing(amuse_run: tuple[Path, dict]) -> None:
@@ -51,7 +40,7 @@ def test_amuse_tensorboard(amuse_run: tuple[Path, dict]) -> None:
         "amuse/update_rms_adamw",
     ):
         assert tag in tags, sorted(tags)
-        assert all(math.isfinite(v) for v in tags[tag]), (tag, tags[tag])
+        assert all(math.isfinite(v) for v in tags[tag].values()), (tag, tags[tag])
     assert len(tags["amuse/beta"]) == 20
     assert "validation_metrics/loss" in tags
 

@@ -47,3 +47,12 @@ def batch(
 def loss_fn(model: nn.Module, inputs: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     logits = model(inputs)
     return nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1))
+
+
+# hyper-parameters the numerics tests share (short warmup so post-warmup beta_t is exercised)
+HP = dict(lr=0.02, warmup_steps=6, beta1=0.6, rho=0.8, momentum=0.95, weight_decay=0.05)
+
+
+def rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    """Relative difference |a - b| / |b| (norms), the numerics tests' one measure."""
+    return float((a - b).detach().norm() / b.detach().norm().clamp_min(1e-30))

@@ -291,14 +291,31 @@ def check_values(cfg: Any) -> list[str]:
 
 
 def load_toml(path: str) -> dict[str, Any]:
-    """Read a TOML file, turning a syntax error into a ConfigError naming the file."""
+    """Read a TOML file, turning every way it can be unreadable into a ConfigError naming it."""
     try:
         with open(path, "rb") as f:
             return tomllib.load(f)
     except FileNotFoundError as e:
         raise ConfigError(f"config file not found: {path}") from e
+    except IsADirectoryError as e:
+        raise ConfigError(f"config file {path} is a directory: expected a TOML file") from e
+    except PermissionError as e:
+        raise ConfigError(f"config file {path} cannot be read: permission denied") from e
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"config file {path} is not UTF-8 text (a binary file?): {e}") from e
     except tomllib.TOMLDecodeError as e:
         raise ConfigError(f"{path}: invalid TOML: {e}") from e
+
+
+def config_path(args: list[str]) -> str | None:
+    """The value of ``--job.config_file`` (or ``--job.config-file``) in ``args``, if any."""
+    for i, a in enumerate(args):
+        for key in ("--job.config_file", "--job.config-file"):
+            if a == key and i + 1 < len(args):
+                return args[i + 1]
+            if a.startswith(key + "="):
+                return a.split("=", 1)[1]
+    return None
 
 
 def parse_job_config(args: list[str]) -> Any:
@@ -316,14 +333,24 @@ def check_toml(path: str) -> list[str]:
     return errors
 
 
-def validate_config(path: str, overrides: list[str] | None = None) -> None:
-    """Raise ConfigError naming section, key and expected value for every problem in ``path``.
+def load_job_config(args: list[str]) -> Any:
+    """Parse ``args`` (``--job.config_file`` and overrides) into a checked JobConfig.
 
-    Checks keys and types on the raw TOML first, then value ranges and cross-field rules on
-    the parsed config (with CLI ``overrides``). Runs in-process, no torchrun needed.
+    Checks keys and types on the raw TOML first, then value ranges and cross-field rules on the
+    parsed config. Raises ConfigError naming section, key and expected value for every problem.
+    Runs in-process before any process group, so every entry point fails fast with exit 2.
     """
-    errors = check_toml(path)
+    path = config_path(args)
+    errors = check_toml(path) if path is not None else []
+    config = None
     if not errors:
-        errors = check_values(parse_job_config(["--job.config_file", path, *(overrides or [])]))
+        config = parse_job_config(args)
+        errors = check_values(config)
     if errors:
         raise ConfigError(f"invalid config {path}:\n  " + "\n  ".join(errors))
+    return config
+
+
+def validate_config(path: str, overrides: list[str] | None = None) -> Any:
+    """``load_job_config`` for a TOML file and CLI ``overrides``; returns the JobConfig."""
+    return load_job_config(["--job.config_file", path, *(overrides or [])])
