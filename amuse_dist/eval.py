@@ -99,10 +99,11 @@ def _export_step(path: Path) -> int:
 def job_config_for(target: Path, kind: str, args: argparse.Namespace) -> Any:
     """The run's JobConfig (from the checkpoint's metadata or ``--config``), set up for eval."""
     from amuse_dist.titan.checkpoint import read_meta
-    from amuse_dist.titan.config import parse_job_config
+    from amuse_dist.titan.config import import_plugins, parse_job_config
 
     step_dir = target if kind == "dcp" else target.parent
     meta = read_meta(step_dir)
+    import_plugins([], meta.get("config") or {})  # an optimizer registered by the run's plugin
     if args.config:
         config = parse_job_config(["--job.config_file", args.config])
     elif "config" in meta:

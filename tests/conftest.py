@@ -8,7 +8,11 @@ from pathlib import Path
 
 import pytest
 
-from tests._titan import run_args, torchrun
+from amuse_dist.titan import launch
+
+launch.setup_device()  # as every entry point does, before any test imports torchtitan
+
+from tests._titan import run_args, torchrun  # noqa: E402
 
 
 @pytest.fixture(scope="session", autouse=True)

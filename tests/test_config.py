@@ -2,6 +2,7 @@
 
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -12,13 +13,8 @@ try:
 except ModuleNotFoundError:
     import tomli as tomllib
 
-from amuse_dist.titan import cpu
-
-if "torchtitan" not in sys.modules:
-    cpu.setup_device()  # as the entry point does, before torchtitan is imported
-
-from amuse_dist.titan.config import ConfigError, validate_config  # noqa: E402
-from tests._titan import DEBUG_TOML, REPO, env  # noqa: E402
+from amuse_dist.titan.config import ConfigError, validate_config
+from tests._titan import DEBUG_TOML, REPO, env
 
 CONFIGS = sorted((REPO / "train_configs").glob("*.toml"))
 
@@ -156,3 +152,52 @@ def test_entry_point_fails_fast_without_process_group(tmp_path: Path) -> None:
     assert proc.returncode == 2, proc.stderr[-3000:]
     assert "[amuse] beta1 = 1.5: expected a float in (0, 1)" in proc.stderr
     assert "init_process_group" not in proc.stderr
+
+
+@pytest.mark.parametrize(
+    "extra,needle",
+    [
+        (["--checkpoint.async_mode", "async"], '[checkpoint] async_mode = "async"'),
+        (["--checkpoint.keep_latest_k", "-1"], "[checkpoint] keep_latest_k = -1"),
+    ],
+    ids=["async_mode", "keep_latest_k"],
+)
+def test_prelaunch_checks_exit_2_before_any_process_group(
+    tmp_path: Path, extra: list[str], needle: str
+) -> None:
+    """Settings the trainer cannot honour fail in seconds, before torch.distributed starts."""
+    start = time.monotonic()
+    proc = subprocess.run(
+        [sys.executable, "-m", "amuse_dist.train", "--job.config_file", str(DEBUG_TOML), *extra],
+        cwd=REPO,
+        env=env(tmp_path),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert needle in proc.stderr
+    assert "init_process_group" not in proc.stderr and "Starting job" not in proc.stderr
+    assert time.monotonic() - start < 30
+
+
+@pytest.mark.parametrize(
+    "make,needle",
+    [
+        (lambda d: d, "is a directory"),
+        (lambda d: (d / "bin.toml").write_bytes(b"\xff\xfe\x00binary") and d / "bin.toml", "UTF-8"),
+    ],
+    ids=["directory", "binary"],
+)
+def test_unreadable_config_file_is_named(tmp_path: Path, make, needle: str) -> None:
+    path = make(tmp_path)
+    with pytest.raises(ConfigError, match=needle) as info:
+        validate_config(str(path))
+    assert str(path) in str(info.value)
+
+
+def test_typo_gets_a_suggestion(tmp_path: Path) -> None:
+    with pytest.raises(
+        ConfigError, match=r'\[amuse\] betas_2: unknown key \(did you mean "betas2"\?\)'
+    ):
+        validate_config(str(debug_with(tmp_path, amuse__betas_2=0.9)))

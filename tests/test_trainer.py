@@ -57,7 +57,7 @@ def test_baselines_run(name: str, tmp_path: Path, assets: Path) -> None:
             optimizer__lr=2e-3, lr_scheduler__warmup_steps=2, lr_scheduler__decay_ratio=0.5
         )
     else:
-        extra.update(optimizer__lr=2e-3, amuse__warmup_steps=5)
+        extra.update(optimizer__lr=2e-3, sf_adamw__warmup_steps=5)
     proc = torchrun(2, debug_args(tmp_path, assets, steps=8, **extra), tmp_path)
     loss = losses(proc.stdout + proc.stderr)
     assert sorted(loss) == list(range(1, 9)), loss

@@ -9,6 +9,7 @@ Newton-Schulz, which runs owner-wise (see ``amuse_dist.distributed.ownerwise_ns`
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -17,13 +18,9 @@ from torch.distributed.tensor import DTensor, Shard
 from torch.optim import Optimizer
 
 from amuse_dist.distributed.layout import local_view
-from amuse_dist.optim.base import (
-    MuonBranch,
-    check_finite,
-    check_range,
-    default_replicated_group,
-    split_named,
-)
+from amuse_dist.optim import hparams
+from amuse_dist.optim.base import MuonBranch, check_range, default_replicated_group, split_named
+from amuse_dist.optim.hparams import hparam
 from amuse_dist.optim.schedule import step_scalars
 
 # per-group scalars kept in the param group (saved and restored with it)
@@ -31,22 +28,58 @@ _T, _A, _CT0, _BETA_Y = "amuse_t", "amuse_weight_sum", "amuse_c_warmup", "amuse_
 _LR_T, _BETA, _C = "amuse_lr_t", "amuse_beta", "amuse_c"
 
 
+@dataclass
+class AmuseHParams:
+    """AMUSE's hyper-parameters (lr comes from ``[optimizer] lr``): the ``[amuse]`` TOML section
+    and the defaults and checks of ``AMUSE.__init__``."""
+
+    warmup_steps: int = hparam(2000, lo=1, integer=True, on_resume="refuse")
+    """T0: linear warmup inside the optimizer (>= 1); no external LR schedule."""
+    beta1: float = hparam(0.6, lo=0, hi=1, lo_open=True, hi_open=True, on_resume="refuse")
+    """Interpolation weight of X in Y during warmup, in (0, 1)."""
+    rho: float = hparam(0.8, lo=0, on_resume="refuse")
+    """Exponent of the post-warmup beta_t schedule, >= 0."""
+    momentum: float = hparam(0.95, lo=0, hi=1, hi_open=True)
+    """Muon-branch Nesterov momentum mu, in [0, 1)."""
+    weight_decay: float = hparam(0.0, lo=0)
+    """Decoupled weight decay applied to Z, >= 0."""
+    betas2: float = hparam(0.999, lo=0, hi=1, hi_open=True)
+    """AdamW-branch second-moment decay, in [0, 1)."""
+    eps: float = hparam(1e-10, lo=0, lo_open=True)
+    """AdamW-branch epsilon, > 0."""
+    weight_lr_power: float = hparam(2.0, lo=0, on_resume="refuse")
+    """p in w_t = t**r * lr_t**p, >= 0."""
+    r: float = hparam(0.0, lo=0, on_resume="refuse")
+    """r in w_t = t**r * lr_t**p, >= 0."""
+    ns_steps: int = hparam(5, lo=1, integer=True)
+    """Newton-Schulz iterations, >= 1."""
+    exact_x: bool = hparam(False, on_resume="refuse")
+    """Recover X with the beta that built Y (exact) instead of beta_t (reference code)."""
+
+
+@dataclass
+class ScheduleFreeAdamWHParams:
+    """Schedule-Free AdamW (AMUSE without a Muon branch, rho = 0): the ``[sf_adamw]`` section."""
+
+    warmup_steps: int = hparam(2000, lo=1, integer=True, on_resume="refuse")
+    """Linear warmup inside the optimizer (>= 1); no external LR schedule."""
+    beta1: float = hparam(0.9, lo=0, hi=1, lo_open=True, hi_open=True, on_resume="refuse")
+    """Interpolation weight of X in Y (constant: rho = 0), in (0, 1)."""
+    betas2: float = hparam(0.9999, lo=0, hi=1, hi_open=True)
+    """Second-moment decay, in [0, 1)."""
+    eps: float = hparam(1e-8, lo=0, lo_open=True)
+    """Epsilon, > 0."""
+    weight_decay: float = hparam(0.1, lo=0)
+    """Decoupled weight decay applied to Z, >= 0."""
+
+
+_D = AmuseHParams()
+_SF = ScheduleFreeAdamWHParams()
+
+
 def _validate_group(group: dict[str, Any]) -> None:
     check_range("lr", group["lr"], 0.0, float("inf"), lo_open=True, hi_open=True)
-    warm = group["warmup_steps"]
-    if isinstance(warm, bool) or not isinstance(warm, int) or warm < 1:
-        raise ValueError(f"warmup_steps must be an integer >= 1, got {warm!r}")
-    check_range("beta1", group["beta1"], 0.0, 1.0, lo_open=True, hi_open=True)
-    check_range("rho", group["rho"], 0.0, float("inf"), hi_open=True)
-    check_range("momentum", group["momentum"], 0.0, 1.0, hi_open=True)
-    check_range("weight_decay", group["weight_decay"], 0.0, float("inf"), hi_open=True)
-    check_range("betas2", group["betas2"], 0.0, 1.0, hi_open=True)
-    check_range("eps", group["eps"], 0.0, float("inf"), hi_open=True)
-    check_finite("weight_lr_power", group["weight_lr_power"])
-    check_finite("r", group["r"])
-    steps = group["ns_steps"]
-    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
-        raise ValueError(f"ns_steps must be an integer >= 1, got {steps!r}")
+    hparams.check(AmuseHParams, group)
 
 
 class AMUSE(Optimizer):
@@ -62,17 +95,17 @@ class AMUSE(Optimizer):
         self,
         params: Iterable[Any],
         lr: float = 0.01,
-        warmup_steps: int = 2000,
-        beta1: float = 0.6,
-        rho: float = 0.8,
-        momentum: float = 0.95,
-        weight_decay: float = 0.0,
-        betas2: float = 0.999,
-        eps: float = 1e-10,
-        weight_lr_power: float = 2.0,
-        r: float = 0.0,
-        ns_steps: int = 5,
-        exact_x: bool = False,
+        warmup_steps: int = _D.warmup_steps,
+        beta1: float = _D.beta1,
+        rho: float = _D.rho,
+        momentum: float = _D.momentum,
+        weight_decay: float = _D.weight_decay,
+        betas2: float = _D.betas2,
+        eps: float = _D.eps,
+        weight_lr_power: float = _D.weight_lr_power,
+        r: float = _D.r,
+        ns_steps: int = _D.ns_steps,
+        exact_x: bool = _D.exact_x,
         ns_dtype: torch.dtype = torch.bfloat16,
         process_group: dist.ProcessGroup | None = None,
     ):
@@ -271,10 +304,11 @@ def _replicas(p: torch.Tensor, group: dist.ProcessGroup | None) -> int:
 def schedule_free_adamw(
     params: Iterable[Any],
     lr: float = 2e-3,
-    betas: tuple[float, float] = (0.9, 0.9999),
-    weight_decay: float = 0.1,
-    warmup_steps: int = 2000,
-    eps: float = 1e-8,
+    warmup_steps: int = _SF.warmup_steps,
+    beta1: float = _SF.beta1,
+    betas2: float = _SF.betas2,
+    eps: float = _SF.eps,
+    weight_decay: float = _SF.weight_decay,
     **kwargs: Any,
 ) -> AMUSE:
     """Schedule-Free AdamW as a special case of AMUSE: no Muon branch, constant beta (rho = 0).
@@ -289,9 +323,9 @@ def schedule_free_adamw(
         named,
         lr=lr,
         warmup_steps=warmup_steps,
-        beta1=betas[0],
+        beta1=beta1,
         rho=0.0,
-        betas2=betas[1],
+        betas2=betas2,
         weight_decay=weight_decay,
         eps=eps,
         **kwargs,

@@ -8,6 +8,7 @@ comparisons with AMUSE share every piece but the averaging.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -15,7 +16,33 @@ import torch.distributed as dist
 from torch.optim import Optimizer
 
 from amuse_dist.distributed.layout import local_view
+from amuse_dist.optim import hparams
 from amuse_dist.optim.base import MuonBranch, check_range, default_replicated_group, split_named
+from amuse_dist.optim.hparams import hparam
+
+
+@dataclass
+class MuonHParams:
+    """Muon's hyper-parameters (lr comes from ``[optimizer] lr``, its schedule from
+    ``[lr_scheduler]``): the ``[muon]`` TOML section and the defaults and checks of ``Muon``."""
+
+    momentum: float = hparam(0.95, lo=0, hi=1, hi_open=True)
+    """Muon-branch momentum, in [0, 1)."""
+    nesterov: bool = hparam(True)
+    """Nesterov momentum for the Muon branch."""
+    weight_decay: float = hparam(0.0, lo=0)
+    """Decoupled weight decay (both branches), >= 0."""
+    adamw_beta1: float = hparam(0.8, lo=0, hi=1, hi_open=True)
+    """AdamW branch (embeddings, head, norms): first-moment decay, in [0, 1)."""
+    adamw_beta2: float = hparam(0.999, lo=0, hi=1, hi_open=True)
+    """AdamW branch: second-moment decay, in [0, 1)."""
+    adamw_eps: float = hparam(1e-8, lo=0, lo_open=True)
+    """AdamW branch: epsilon, > 0."""
+    ns_steps: int = hparam(5, lo=1, integer=True)
+    """Newton-Schulz iterations, >= 1."""
+
+
+_D = MuonHParams()
 
 
 class Muon(Optimizer):
@@ -23,27 +50,25 @@ class Muon(Optimizer):
         self,
         params: Iterable[Any],
         lr: float = 2e-3,
-        momentum: float = 0.95,
-        nesterov: bool = True,
-        weight_decay: float = 0.0,
-        adamw_betas: tuple[float, float] = (0.8, 0.999),
-        adamw_eps: float = 1e-8,
-        ns_steps: int = 5,
+        momentum: float = _D.momentum,
+        nesterov: bool = _D.nesterov,
+        weight_decay: float = _D.weight_decay,
+        adamw_beta1: float = _D.adamw_beta1,
+        adamw_beta2: float = _D.adamw_beta2,
+        adamw_eps: float = _D.adamw_eps,
+        ns_steps: int = _D.ns_steps,
         ns_dtype: torch.dtype = torch.bfloat16,
         process_group: dist.ProcessGroup | None = None,
     ):
         check_range("lr", lr, 0.0, float("inf"), lo_open=True, hi_open=True)
-        check_range("momentum", momentum, 0.0, 1.0, hi_open=True)
-        check_range("weight_decay", weight_decay, 0.0, float("inf"), hi_open=True)
-        for i, b in enumerate(adamw_betas):
-            check_range(f"adamw_betas[{i}]", b, 0.0, 1.0, hi_open=True)
-        check_range("adamw_eps", adamw_eps, 0.0, float("inf"), hi_open=True)
+        hparams.check(MuonHParams, locals())
         defaults = dict(
             lr=lr,
             momentum=momentum,
             nesterov=nesterov,
             weight_decay=weight_decay,
-            adamw_betas=tuple(adamw_betas),
+            # one tuple in the param groups (the saved state's format since the first release)
+            adamw_betas=(adamw_beta1, adamw_beta2),
             adamw_eps=adamw_eps,
             use_muon=False,
             ns_split=(),

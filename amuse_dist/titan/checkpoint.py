@@ -29,18 +29,10 @@ from torch.distributed.checkpoint.api import CheckpointException
 from torchtitan.components.checkpoint import AsyncMode, CheckpointManager
 from torchtitan.tools.logging import logger
 
+from amuse_dist.optim import registry
+
 META_FILE = "amuse_meta.json"
 STEP_DIR = re.compile(r"^step-(\d+)$")
-
-# optimizer-state suffixes -> the optimizer that writes them
-_STATE_SIGNATURES = {
-    frozenset({"z", "momentum", "exp_avg_sq"}): "AMUSE",
-    frozenset({"z", "exp_avg_sq"}): "ScheduleFreeAdamW",
-    frozenset({"z", "momentum"}): "AMUSE",
-    frozenset({"momentum", "exp_avg", "exp_avg_sq"}): "Muon",
-    frozenset({"momentum"}): "Muon",
-    frozenset({"exp_avg", "exp_avg_sq", "step"}): "AdamW",
-}
 
 
 class CheckpointError(RuntimeError):
@@ -69,10 +61,7 @@ def _state_suffixes(keys: set[str], prefix: str = "optimizer.state.") -> dict[st
 def guess_optimizer(keys: set[str]) -> str:
     """Name the optimizer whose state has these flattened keys (best effort)."""
     names = set().union(*_state_suffixes(keys).values()) if keys else set()
-    for signature, name in _STATE_SIGNATURES.items():
-        if names == signature:
-            return name
-    return "unknown (state names: " + ", ".join(sorted(names)) + ")"
+    return registry.guess_from_state(names)
 
 
 def read_meta(step_dir: str | os.PathLike[str]) -> dict[str, Any]:

@@ -7,10 +7,12 @@ second with a message naming section, key and expected value rather than on N ra
 """
 
 import dataclasses
+import difflib
+import importlib
 import math
 import types
 import typing
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, make_dataclass
 from typing import Any, Literal
 
 try:
@@ -18,50 +20,13 @@ try:
 except ModuleNotFoundError:  # python < 3.11
     import tomli as tomllib  # type: ignore[no-redef]
 
-OPTIMIZERS = ("AMUSE", "AdamW", "Muon", "ScheduleFreeAdamW")
-SCHEDULE_FREE = ("AMUSE", "ScheduleFreeAdamW")
+from amuse_dist.optim import hparams, registry
+
 LOCAL_DATASETS = ("local_corpus", "local_corpus_validation")
+"""Datasets built from the offline corpus ([local_data] assets_dir)."""
 
-
-@dataclass
-class Amuse:
-    """AMUSE hyper-parameters (lr comes from ``[optimizer] lr``). Also used for the
-    warmup of ScheduleFreeAdamW, whose warmup lives inside the optimizer."""
-
-    warmup_steps: int = 2000
-    """T0: linear warmup inside the optimizer (>= 1); no external LR schedule."""
-    beta1: float = 0.6
-    """Interpolation weight of X in Y during warmup, in (0, 1)."""
-    rho: float = 0.8
-    """Exponent of the post-warmup beta_t schedule, >= 0."""
-    momentum: float = 0.95
-    """Muon-branch Nesterov momentum mu, in [0, 1)."""
-    weight_decay: float = 0.0
-    """Decoupled weight decay applied to Z, >= 0."""
-    betas2: float = 0.999
-    """AdamW-branch second-moment decay, in [0, 1)."""
-    eps: float = 1e-10
-    """AdamW-branch epsilon, > 0."""
-    weight_lr_power: float = 2.0
-    """p in w_t = t**r * lr_t**p, >= 0."""
-    r: float = 0.0
-    """r in w_t = t**r * lr_t**p, >= 0."""
-    ns_steps: int = 5
-    """Newton-Schulz iterations, >= 1."""
-    exact_x: bool = False
-    """Recover X with the beta that built Y (exact) instead of beta_t (reference code)."""
-
-
-@dataclass
-class Muon:
-    """Muon baseline settings (lr and weight decay come from ``[optimizer]``)."""
-
-    momentum: float = 0.95
-    nesterov: bool = True
-    ns_steps: int = 5
-    adamw_beta1: float = 0.8
-    adamw_beta2: float = 0.999
-    adamw_eps: float = 1e-8
+# [optimizer] keys that only torchtitan's own optimizers (AdamW, Adam) read
+_TITAN_OPTIMIZER_KEYS = ("beta1", "beta2", "eps", "weight_decay", "implementation")
 
 
 @dataclass
@@ -89,14 +54,28 @@ class Anytime:
     """On SIGTERM (SLURM preemption) finish the step, save a checkpoint and exit cleanly."""
 
 
-@dataclass
-class JobConfig:
-    """Sections merged into torchtitan's JobConfig by its ConfigManager."""
+def job_config_cls() -> type:
+    """Our sections, merged into torchtitan's JobConfig by its ConfigManager: every registered
+    optimizer's hyper-parameter dataclass as its own section ([amuse], [muon], [sf_adamw], and
+    any registered by a custom_import), plus [anytime] and [local_data]."""
+    sections: list[tuple[str, type, Any]] = [
+        (spec.section, spec.hparams, field(default_factory=spec.hparams))
+        for spec in registry.specs()
+        if spec.section is not None and spec.hparams is not None
+    ]
+    sections += [
+        ("anytime", Anytime, field(default_factory=Anytime)),
+        ("local_data", LocalData, field(default_factory=LocalData)),
+    ]
+    return make_dataclass("JobConfig", sections)
 
-    amuse: Amuse = field(default_factory=Amuse)
-    anytime: Anytime = field(default_factory=Anytime)
-    muon: Muon = field(default_factory=Muon)
-    local_data: LocalData = field(default_factory=LocalData)
+
+def __getattr__(name: str) -> Any:
+    """``JobConfig`` is built on access, from the registry as it is then (torchtitan reads
+    ``<custom_config_module>.JobConfig``)."""
+    if name == "JobConfig":
+        return job_config_cls()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 # --------------------------------------------------------------------------------------------
@@ -113,7 +92,12 @@ def merged_job_config_cls() -> type:
     from torchtitan.config import ConfigManager
     from torchtitan.config import JobConfig as TitanJobConfig
 
-    return ConfigManager._merge_configs(TitanJobConfig, JobConfig)
+    return ConfigManager._merge_configs(TitanJobConfig, job_config_cls())
+
+
+def _did_you_mean(key: str, valid: list[str]) -> str:
+    close = difflib.get_close_matches(key, valid, n=1)
+    return f' (did you mean "{close[0]}"?)' if close else ""
 
 
 def _fmt(value: Any) -> str:
@@ -171,7 +155,8 @@ def _check_types(cls: type, data: dict[str, Any], where: str, errors: list[str])
         if key not in known:
             valid = ", ".join(sorted(known))
             kind = "section" if not where else "key"
-            errors.append(f"{name}: unknown {kind}; valid {kind}s are: {valid}")
+            hint = _did_you_mean(key, sorted(known))
+            errors.append(f"{name}: unknown {kind}{hint}; valid {kind}s are: {valid}")
             continue
         tp = hints[key]
         if dataclasses.is_dataclass(tp):
@@ -201,21 +186,6 @@ def _int_at_least(n: int):
 
 # (section, key) -> (predicate, expected description)
 _RANGES: dict[tuple[str, str], tuple[Any, str]] = {
-    ("amuse", "warmup_steps"): _int_at_least(1),
-    ("amuse", "beta1"): _in(0, 1),
-    ("amuse", "rho"): _in(0, math.inf, lo_open=False),
-    ("amuse", "momentum"): _in(0, 1, lo_open=False),
-    ("amuse", "weight_decay"): _in(0, math.inf, lo_open=False),
-    ("amuse", "betas2"): _in(0, 1, lo_open=False),
-    ("amuse", "eps"): _in(0, math.inf),
-    ("amuse", "weight_lr_power"): _in(0, math.inf, lo_open=False),
-    ("amuse", "r"): _in(0, math.inf, lo_open=False),
-    ("amuse", "ns_steps"): _int_at_least(1),
-    ("muon", "momentum"): _in(0, 1, lo_open=False),
-    ("muon", "ns_steps"): _int_at_least(1),
-    ("muon", "adamw_beta1"): _in(0, 1, lo_open=False),
-    ("muon", "adamw_beta2"): _in(0, 1, lo_open=False),
-    ("muon", "adamw_eps"): _in(0, math.inf),
     ("local_data", "vocab_size"): _int_at_least(256),
     ("optimizer", "lr"): _in(0, math.inf),
     ("optimizer", "beta1"): _in(0, 1, lo_open=False),
@@ -229,29 +199,40 @@ _RANGES: dict[tuple[str, str], tuple[Any, str]] = {
     ("training", "max_norm"): _in(0, math.inf),
     ("metrics", "log_freq"): _int_at_least(1),
     ("checkpoint", "interval"): _int_at_least(1),
+    ("checkpoint", "keep_latest_k"): (lambda v: v >= 0, "an int >= 0 (0 keeps every checkpoint)"),
 }
 
 
-def check_values(cfg: Any) -> list[str]:
-    """Range and cross-field checks on a parsed (merged) JobConfig; returns error lines."""
+def check_values(cfg: Any, explicit: set[tuple[str, str]] = frozenset()) -> list[str]:
+    """Range and cross-field checks on a parsed (merged) JobConfig; returns error lines.
+
+    ``explicit`` holds the (section, key) pairs the TOML or the command line set, so a setting
+    the chosen optimizer would not read is an error rather than silently ignored.
+    """
     errors: list[str] = []
     for (section, key), (ok, expected) in _RANGES.items():
         value = getattr(getattr(cfg, section), key)
         if not ok(value):
             errors.append(f"[{section}] {key} = {_fmt(value)}: expected {expected}")
+    for spec in registry.specs():
+        if spec.section is not None and spec.hparams is not None:
+            values = dataclasses.asdict(getattr(cfg, spec.section))
+            for key, value, expected in hparams.range_errors(spec.hparams, values):
+                errors.append(f"[{spec.section}] {key} = {_fmt(value)}: expected {expected}")
 
     name = cfg.optimizer.name
-    if name not in OPTIMIZERS:
-        errors.append(
-            f"[optimizer] name = {_fmt(name)}: expected one of " + ", ".join(map(_fmt, OPTIMIZERS))
-        )
-    if name in SCHEDULE_FREE:
+    spec = registry.find(name)
+    if spec is None:
+        errors.append(f"[optimizer] name = {_fmt(name)}: {registry.unknown_message(name)}")
+    else:
+        errors += _optimizer_checks(cfg, spec, explicit)
+    if spec is not None and spec.schedule_free:
         ls = cfg.lr_scheduler
         if ls.warmup_steps != 0:
             errors.append(
                 f"[lr_scheduler] warmup_steps = {ls.warmup_steps}: expected 0 with "
-                f'[optimizer] name = "{name}" (its warmup is [amuse] warmup_steps; the '
-                "LR schedule must be constant)"
+                f'[optimizer] name = "{name}" (its warmup is [{spec.section}] warmup_steps; '
+                "the LR schedule must be constant)"
             )
         if ls.decay_ratio != 0.0:
             errors.append(
@@ -259,6 +240,7 @@ def check_values(cfg: Any) -> list[str]:
                 f'[optimizer] name = "{name}" (schedule-free averaging replaces LR decay; '
                 "a decaying schedule is not supported)"
             )
+    errors += _prelaunch_checks(cfg)
     v = cfg.validation
     if v.enable and v.steps <= 0:
         errors.append(
@@ -284,9 +266,56 @@ def check_values(cfg: Any) -> list[str]:
 
         if cfg.model.flavor not in FLAVORS:
             errors.append(
-                f"[model] flavor = {_fmt(cfg.model.flavor)}: expected one of "
+                f"[model] flavor = {_fmt(cfg.model.flavor)}:"
+                f"{_did_you_mean(cfg.model.flavor, list(FLAVORS))} expected one of "
                 + ", ".join(map(_fmt, FLAVORS))
             )
+    return errors
+
+
+def _optimizer_checks(cfg: Any, spec: registry.OptimizerSpec, explicit: set) -> list[str]:
+    """Settings the chosen optimizer cannot honour, found before any process group starts."""
+    errors = []
+    name = spec.name
+    if spec.build is not None:
+        for key in _TITAN_OPTIMIZER_KEYS:
+            if ("optimizer", key) in explicit:
+                where = f"[{spec.section}]" if spec.section else "its own section"
+                errors.append(
+                    f"[optimizer] {key} = {_fmt(getattr(cfg.optimizer, key))}: not read by {name} "
+                    f"(only lr is read from [optimizer]; its hyper-parameters live in {where})"
+                )
+        if cfg.optimizer.early_step_in_backward:
+            errors.append(f"[optimizer] early_step_in_backward = true: not supported by {name}")
+        if cfg.fault_tolerance.enable:
+            errors.append(f"[fault_tolerance] enable = true: not supported by {name}")
+    return errors
+
+
+def _prelaunch_checks(cfg: Any) -> list[str]:
+    """Checks that torchtitan or amuse_dist would otherwise make on every rank after start-up."""
+    errors = []
+    ck = cfg.checkpoint
+    if ck.enable and str(ck.async_mode).lower() != "disabled":
+        errors.append(
+            f'[checkpoint] async_mode = {_fmt(ck.async_mode)}: expected "disabled" (amuse_dist\'s '
+            "checkpoints are atomic: the X export must finish before the folder is published)"
+        )
+    workers = cfg.training.dataloader.num_workers
+    if workers != 0 and not str(cfg.training.dataset).startswith("token_shards"):
+        errors.append(
+            f"[training.dataloader] num_workers = {workers}: expected 0 with [training] dataset = "
+            f"{_fmt(cfg.training.dataset)} (the world-size-independent loader keeps its stream "
+            "position in the training process; token_shards datasets allow workers)"
+        )
+    p = cfg.parallelism
+    if cfg.validation.enable and (p.pipeline_parallel_degree > 1 or p.context_parallel_degree > 1):
+        key = "pipeline" if p.pipeline_parallel_degree > 1 else "context"
+        errors.append(
+            f"[parallelism] {key}_parallel_degree = "
+            f"{getattr(p, key + '_parallel_degree')}: validation at X is not supported with "
+            "pipeline or context parallelism; set [validation] enable = false"
+        )
     return errors
 
 
@@ -333,6 +362,58 @@ def check_toml(path: str) -> list[str]:
     return errors
 
 
+def _cli_value(args: list[str], key: str) -> str | None:
+    """The value given to ``--key`` on the command line (last one wins), if any."""
+    value = None
+    for i, a in enumerate(args):
+        if a == f"--{key}" and i + 1 < len(args):
+            value = args[i + 1]
+        elif a.startswith(f"--{key}="):
+            value = a.split("=", 1)[1]
+    return value
+
+
+def import_plugins(args: list[str], toml: dict[str, Any]) -> None:
+    """Import ``[experimental] custom_import`` before parsing: a module that registers an
+    optimizer (or a dataset) adds its section to the schema this way."""
+    module = _cli_value(args, "experimental.custom_import")
+    if module is None:
+        module = (toml.get("experimental") or {}).get("custom_import")
+    if module:
+        try:
+            importlib.import_module(module)
+        except ImportError as e:
+            raise ConfigError(f"[experimental] custom_import = {_fmt(module)}: {e}") from e
+
+
+def explicit_keys(args: list[str], toml: dict[str, Any]) -> set[tuple[str, str]]:
+    """(section, key) pairs the TOML or the command line sets explicitly."""
+    out = {
+        (section, key)
+        for section, table in toml.items()
+        if isinstance(table, dict)
+        for key in table
+    }
+    for a in args:
+        if a.startswith("--") and "." in a:
+            section, _, key = a[2:].split("=", 1)[0].partition(".")
+            out.add((section, key.replace("-", "_")))
+    return out
+
+
+def _canonical_optimizer(args: list[str], toml: dict[str, Any]) -> list[str]:
+    """Optimizer names match in any letter case: write the registered spelling back."""
+    args = list(args)
+    for i, a in enumerate(args):
+        if a == "--optimizer.name" and i + 1 < len(args):
+            spec = registry.find(args[i + 1])
+            args[i + 1] = spec.name if spec else args[i + 1]
+        elif a.startswith("--optimizer.name="):
+            spec = registry.find(a.split("=", 1)[1])
+            args[i] = f"--optimizer.name={spec.name}" if spec else a
+    return args
+
+
 def load_job_config(args: list[str]) -> Any:
     """Parse ``args`` (``--job.config_file`` and overrides) into a checked JobConfig.
 
@@ -341,11 +422,16 @@ def load_job_config(args: list[str]) -> Any:
     Runs in-process before any process group, so every entry point fails fast with exit 2.
     """
     path = config_path(args)
+    toml = load_toml(path) if path is not None else {}
+    import_plugins(args, toml)
     errors = check_toml(path) if path is not None else []
     config = None
     if not errors:
-        config = parse_job_config(args)
-        errors = check_values(config)
+        config = parse_job_config(_canonical_optimizer(args, toml))
+        spec = registry.find(config.optimizer.name)
+        if spec is not None:
+            config.optimizer.name = spec.name
+        errors = check_values(config, explicit_keys(args, toml))
     if errors:
         raise ConfigError(f"invalid config {path}:\n  " + "\n  ".join(errors))
     return config

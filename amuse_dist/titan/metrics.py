@@ -11,20 +11,19 @@ from torchtitan.components.metrics import MetricsProcessor
 from torchtitan.distributed import ParallelDims
 from torchtitan.tools.logging import logger
 
+from amuse_dist.optim.protocols import averaging
+
 
 class AmuseMetricsProcessor(MetricsProcessor):
     def optimizer_metrics(self) -> dict[str, float]:
-        """``amuse/*`` scalars from the first optimizer, if it exposes them (AMUSE, SF)."""
-        if self.optimizers is None or len(self.optimizers) == 0:
+        """``amuse/*`` scalars from the first averaging optimizer (AMUSE, SF-AdamW)."""
+        opts = averaging(self.optimizers) if self.optimizers is not None else []
+        if not opts:
             return {}
-        opt = self.optimizers.optimizers[0]
-        out: dict[str, float] = {}
-        if hasattr(opt, "scalars"):
-            for k, v in opt.scalars().items():
-                out[f"amuse/{k}"] = float(v)
-        if hasattr(opt, "update_rms"):
-            for k, v in opt.update_rms().items():  # collective: every rank calls it
-                out[f"amuse/update_rms_{k}"] = float(v)
+        opt = opts[0]
+        out = {f"amuse/{k}": float(v) for k, v in opt.scalars().items()}
+        for k, v in opt.update_rms().items():  # collective: every rank calls it
+            out[f"amuse/update_rms_{k}"] = float(v)
         return out
 
     def log(

@@ -13,6 +13,7 @@ from torchtitan.distributed import ParallelDims
 from torchtitan.tools.logging import logger
 from torchtitan.train import Trainer
 
+from amuse_dist.optim.protocols import averaging
 from amuse_dist.titan import train_spec
 from amuse_dist.titan.checkpoint import AnytimeCheckpointManager
 from amuse_dist.titan.config import LOCAL_DATASETS
@@ -166,10 +167,8 @@ def _absolute_paths(config: dict[str, Any]) -> dict[str, Any]:
 
 
 def _beta_y(optimizers: Any) -> float | None:
-    for opt in getattr(optimizers, "optimizers", []):
-        if hasattr(opt, "beta"):
-            return float(opt.beta())
-    return None
+    opts = averaging(optimizers)
+    return float(opts[0].beta()) if opts else None
 
 
 def dump_full_state(trainer: Trainer, path: str) -> None:

@@ -23,14 +23,14 @@ from torchtitan.tools import utils
 from torchtitan.tools.logging import logger
 
 from amuse_dist.distributed.layout import local_view
+from amuse_dist.optim.protocols import averaging
 
 
 def averaged_weights(optimizers: Any) -> dict[torch.Tensor, torch.Tensor]:
     """{param: X} from every optimizer of a container that averages (AMUSE, SF-AdamW)."""
     out: dict[torch.Tensor, torch.Tensor] = {}
-    for opt in getattr(optimizers, "optimizers", [optimizers]):
-        if hasattr(opt, "x_tensors"):
-            out.update(opt.x_tensors())
+    for opt in averaging(optimizers):
+        out.update(opt.x_tensors())
     return out
 
 
