@@ -1,6 +1,6 @@
 """Make torchtitan 0.2.2's real Trainer run on a CUDA-less machine (gloo).
 
-Three things break on CPU (see docs/torchtitan-cpu-notes): the device type is frozen to "cuda"
+Three things break on CPU (see docs/usage.md, "Running on CPU"): the device type is frozen to "cuda"
 at import, FSDP's PREMUL_SUM reduction is missing on gloo, and DTensor init on a CPU mesh gives
 every rank the same shard. This module fixes the first here; the other two are applied by the
 train spec (``parallelize`` and ``AmuseTransformer.init_weights``) when ``on_cpu()`` is true.
