@@ -14,9 +14,7 @@ folder naming and ``load``), and changes how a save lands on disk:
 
 from __future__ import annotations
 
-import json
 import os
-import re
 import shutil
 from collections.abc import Callable
 from pathlib import Path
@@ -30,13 +28,27 @@ from torchtitan.components.checkpoint import AsyncMode, CheckpointManager
 from torchtitan.tools.logging import logger
 
 from amuse_dist.optim import registry
+from amuse_dist.titan.run_format import (
+    META_FILE,
+    STEP_DIR,
+    CheckpointError,
+    complete_steps,
+    publish,
+    read_meta,
+    recover_replaced,
+    saving_dir,
+    write_meta,
+)
 
-META_FILE = "amuse_meta.json"
-STEP_DIR = re.compile(r"^step-(\d+)$")
-
-
-class CheckpointError(RuntimeError):
-    """A checkpoint that cannot be loaded into this run; the message names the path."""
+__all__ = [
+    "META_FILE",
+    "STEP_DIR",
+    "AnytimeCheckpointManager",
+    "CheckpointError",
+    "complete_steps",
+    "guess_optimizer",
+    "read_meta",
+]
 
 
 def _rank() -> int:
@@ -62,30 +74,6 @@ def guess_optimizer(keys: set[str]) -> str:
     """Name the optimizer whose state has these flattened keys (best effort)."""
     names = set().union(*_state_suffixes(keys).values()) if keys else set()
     return registry.guess_from_state(names)
-
-
-def read_meta(step_dir: str | os.PathLike[str]) -> dict[str, Any]:
-    """The checkpoint's ``amuse_meta.json`` ({} for checkpoints written by plain torchtitan)."""
-    path = Path(step_dir) / META_FILE
-    if not path.is_file():
-        return {}
-    try:
-        return json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as e:
-        raise CheckpointError(f"checkpoint {step_dir}: unreadable {META_FILE}: {e}") from e
-
-
-def complete_steps(folder: str | os.PathLike[str]) -> list[int]:
-    """Steps with a finished checkpoint (``step-N`` holding DCP ``.metadata``), ascending."""
-    folder = Path(folder)
-    if not folder.is_dir():
-        return []
-    steps = []
-    for child in folder.iterdir():
-        m = STEP_DIR.match(child.name)
-        if m and (child / ".metadata").is_file():
-            steps.append(int(m.group(1)))
-    return sorted(steps)
 
 
 class AnytimeCheckpointManager(CheckpointManager):
@@ -124,7 +112,7 @@ class AnytimeCheckpointManager(CheckpointManager):
         if curr_step == self.last_saved_step:
             return
         final = Path(self._create_checkpoint_id(curr_step))
-        tmp = final.with_name(f".saving-{curr_step}")
+        tmp = saving_dir(final)
         if _rank() == 0:
             shutil.rmtree(tmp, ignore_errors=True)
             tmp.parent.mkdir(parents=True, exist_ok=True)
@@ -139,9 +127,8 @@ class AnytimeCheckpointManager(CheckpointManager):
         )
         export_info = self.export_fn(tmp, curr_step) if self.export_fn is not None else None
         if _rank() == 0:
-            meta = {**self.meta, "step": curr_step, "export": export_info}
-            (tmp / META_FILE).write_text(json.dumps(meta, indent=2, default=str) + "\n")
-            _publish(tmp, final)
+            write_meta(tmp, {**self.meta, "step": curr_step, "export": export_info})
+            publish(tmp, final)
         _barrier()
         self.last_saved_step = curr_step
         self._purge_stale_checkpoints()
@@ -160,7 +147,7 @@ class AnytimeCheckpointManager(CheckpointManager):
         if not self.enable or not os.path.isdir(self.folder):
             return super().load(step)
         if _rank() == 0:
-            _recover_replaced(Path(self.folder))
+            recover_replaced(self.folder)
         _barrier()
         load_step = self._find_load_step() if step == -1 else step
         if load_step == -1:
@@ -229,21 +216,3 @@ def _describe(e: BaseException) -> str:
         rank, failure = next(iter(failures.items()))
         return f"rank {rank}: {type(failure).__name__}: {failure}"
     return f"{type(e).__name__}: {e}"
-
-
-def _publish(tmp: Path, final: Path) -> None:
-    """Rename the finished ``tmp`` folder to ``final``, replacing an older one of that step."""
-    replaced = final.with_name(f".replaced-{final.name}")
-    if final.exists():
-        shutil.rmtree(replaced, ignore_errors=True)
-        final.rename(replaced)
-    tmp.rename(final)
-    shutil.rmtree(replaced, ignore_errors=True)
-
-
-def _recover_replaced(folder: Path) -> None:
-    """Undo a publish that crashed between its two renames (the old folder is kept)."""
-    for old in folder.glob(".replaced-step-*"):
-        final = folder / old.name[len(".replaced-") :]
-        if not final.exists():
-            old.rename(final)

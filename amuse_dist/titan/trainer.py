@@ -18,6 +18,12 @@ from amuse_dist.titan import train_spec
 from amuse_dist.titan.checkpoint import AnytimeCheckpointManager
 from amuse_dist.titan.config import LOCAL_DATASETS
 from amuse_dist.titan.export import export_hf
+from amuse_dist.titan.run_format import (
+    ExportInfo,
+    copy_run_assets,
+    export_dir,
+    run_tokenizer_dir,
+)
 from amuse_dist.titan.validator import averaged_weights
 
 
@@ -79,23 +85,25 @@ class AmuseTrainer(Trainer):
         """Write X as HF safetensors into ``step_dir/<export_folder>`` (a collective)."""
         cfg = self.job_config
         state, averaged = self.x_state_dict()
-        info = {
-            "step": step,
-            "weights": "x" if averaged else "y",
-            "optimizer": cfg.optimizer.name,
-            "model": {"name": cfg.model.name, "flavor": cfg.model.flavor},
-            "beta_y": _beta_y(self.optimizers),
-        }
-        dest = Path(step_dir) / cfg.anytime.export_folder
+        info = ExportInfo(
+            step=step,
+            weights="x" if averaged else "y",
+            optimizer=cfg.optimizer.name,
+            model={"name": cfg.model.name, "flavor": cfg.model.flavor},
+            beta_y=_beta_y(self.optimizers),
+            folder=cfg.anytime.export_folder,
+        )
+        dest = export_dir(step_dir, cfg.anytime.export_folder)
+        tokenizer = run_tokenizer_dir(cfg.job.dump_folder)
         export_hf(
             dest,
             state,
             self.checkpointer.sd_adapter,
             self.model_args,
-            cfg.model.hf_assets_path,
+            tokenizer if tokenizer.is_dir() else None,
             info,
         )
-        return {"folder": cfg.anytime.export_folder, **info}
+        return dataclasses.asdict(info)
 
     # ------------------------------------------------------------------ preemption
     def _on_sigterm(self, signum: int, frame: Any) -> None:
@@ -122,7 +130,19 @@ class AmuseTrainer(Trainer):
     def init_distributed(self) -> ParallelDims:
         parallel_dims = super().init_distributed()
         self._prepare_local_data()
+        self._copy_run_assets()
         return parallel_dims
+
+    def _copy_run_assets(self) -> None:
+        """Copy the tokenizer into the run folder once (rank 0); exports read only that copy."""
+        cfg = self.job_config
+        if not (cfg.checkpoint.enable and cfg.anytime.export_x):
+            return
+        if dist.get_rank() == 0:
+            copied = copy_run_assets(cfg.model.hf_assets_path, cfg.job.dump_folder)
+            if copied is not None:
+                logger.info(f"exports ship the tokenizer copied into the run folder: {copied}")
+        dist.barrier()
 
     def _prepare_local_data(self) -> None:
         cfg = self.job_config
