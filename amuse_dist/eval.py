@@ -124,6 +124,17 @@ def check_weights(targets: list[tuple[int, str, Path]], weights: str) -> None:
                 )
 
 
+def check_files(targets: list[tuple[int, str, Path]]) -> None:
+    """Truncated DCP shards and safetensors files, named before any model is built."""
+    from amuse_dist.titan.run_format import check_export_files, check_shard_sizes
+
+    for _, kind, path in targets:
+        if kind == "dcp":
+            check_shard_sizes(path)
+        else:
+            check_export_files(path)
+
+
 def _pick(step_dir: Path, source: str) -> tuple[str, Path]:
     from amuse_dist.titan.run_format import export_dir, is_complete_export, read_meta
 
@@ -217,7 +228,10 @@ def evaluate_targets(
     config = job_config_for(first_path, first_kind, args)
     launch.offline_hub_defaults(launch.job_datasets(config))
     config.training.steps = max(1, first_step)
-    trainer = AmuseTrainer(config)
+    for _, kind, path in targets:
+        if kind == "export":
+            _check_export_config(path, config, ExportError)
+    trainer = AmuseTrainer(config, evaluating=True)
     rank = dist.get_rank()
     rows: list[dict[str, Any]] = []
     try:
@@ -260,15 +274,48 @@ def evaluate_targets(
     return rows
 
 
-def _check_export_shapes(
-    path: Path, state: dict[str, Any], model: Any, config: Any, error: type[Exception]
-) -> None:
-    """Refuse an export whose tensors do not match the model built from the config."""
-    where = (
+def _config_source(config: Any) -> str:
+    return (
         f"--config {config.job.config_file}"
         if getattr(config.job, "config_file", None)
         else "the checkpoint's amuse_meta.json"
     )
+
+
+def _check_export_config(path: Path, config: Any, error: type[Exception]) -> None:
+    """Refuse, before building any model, an export whose config.json describes another model
+    than the one the evaluation config builds."""
+    from amuse_dist.titan.train_spec import FLAVORS
+
+    args = FLAVORS.get(config.model.flavor) if config.model.name == "llama3_amuse" else None
+    cfg_file = path / "config.json"
+    if args is None or not cfg_file.is_file():
+        return
+    try:
+        saved = json.loads(cfg_file.read_text())
+    except (OSError, ValueError) as e:
+        raise error(f"{cfg_file}: unreadable ({e})") from e
+    ours = {
+        "hidden_size": args.dim,
+        "num_hidden_layers": args.n_layers,
+        "num_attention_heads": args.n_heads,
+        "num_key_value_heads": args.n_kv_heads or args.n_heads,
+        "vocab_size": args.vocab_size,
+    }
+    for key, value in ours.items():
+        if key in saved and saved[key] != value:
+            raise error(
+                f"{cfg_file}: {key} = {saved[key]}, but the model from {_config_source(config)} "
+                f'([model] flavor = "{config.model.flavor}") has {value}: this export comes '
+                "from another model; pass the training TOML of the run that wrote it"
+            )
+
+
+def _check_export_shapes(
+    path: Path, state: dict[str, Any], model: Any, config: Any, error: type[Exception]
+) -> None:
+    """Refuse an export whose tensors do not match the model built from the config."""
+    where = _config_source(config)
     for name, p in model.named_parameters():
         if name not in state:
             raise error(f"{path}: no tensor for {name!r}; the model comes from {where}")
@@ -312,6 +359,7 @@ def main(argv: list[str] | None = None) -> None:
         targets = find_targets(path, args.source)
         check_trusted(targets, args.trust)
         check_weights(targets, args.weights)
+        check_files(targets)
     except (FileNotFoundError, RunError) as e:
         print(f"amuse-eval: {e}", file=sys.stderr)
         raise SystemExit(2) from None

@@ -185,6 +185,36 @@ def check_shard_sizes(step_dir: PathLike) -> None:
             )
 
 
+def check_export_files(export: PathLike) -> None:
+    """Raise ExportError naming the first ``*.safetensors`` file that is truncated or corrupt.
+
+    Reads only each file's header (8-byte length + JSON with every tensor's data offsets) and
+    compares the end of the last tensor with the file size; safetensors' own error names no file.
+    """
+    export = Path(export)
+    files = sorted(export.glob("*.safetensors"))
+    if not files:
+        raise ExportError(f"{export}: no *.safetensors files (not an X export?)")
+    for f in files:
+        size = f.stat().st_size
+        try:
+            with open(f, "rb") as fh:
+                n = int.from_bytes(fh.read(8), "little")
+                if n <= 0 or 8 + n > size:
+                    raise ValueError(f"header of {n} bytes in a file of {size}")
+                header = json.loads(fh.read(n))
+            ends = [int(v["data_offsets"][1]) for k, v in header.items() if k != "__metadata__"]
+        except (OSError, ValueError, KeyError, TypeError, IndexError) as e:
+            raise ExportError(f"{f}: corrupt safetensors file (unreadable header: {e})") from e
+        need = 8 + n + max(ends, default=0)
+        if size < need:
+            raise ExportError(
+                f"{f}: truncated safetensors file ({size} bytes, its header needs {need}); "
+                f"evaluate the checkpoint's DCP state instead: amuse-eval {export.parent} "
+                "--source dcp"
+            )
+
+
 # ------------------------------------------------------------------------------------ records
 @dataclass
 class ExportInfo:
