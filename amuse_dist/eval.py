@@ -211,8 +211,22 @@ def _assign(obj: Any, values: dict[str, Any]) -> None:
 
 
 # ------------------------------------------------------------------------------------ evaluation
+def prepare(targets: list[tuple[int, str, Path]], args: argparse.Namespace) -> Any:
+    """The evaluation's JobConfig, with every check that needs no model or process group:
+    the validation seq_len within the model's, each export made for this model."""
+    from amuse_dist.titan.run_format import ExportError
+
+    first_step, first_kind, first_path = targets[0]
+    config = job_config_for(first_path, first_kind, args)
+    config.training.steps = max(1, first_step)
+    for _, kind, path in targets:
+        if kind == "export":
+            _check_export_config(path, config, ExportError)
+    return config
+
+
 def evaluate_targets(
-    targets: list[tuple[int, str, Path]], args: argparse.Namespace
+    targets: list[tuple[int, str, Path]], args: argparse.Namespace, config: Any = None
 ) -> list[dict[str, Any]]:
     import torch
     import torch.distributed as dist
@@ -224,13 +238,8 @@ def evaluate_targets(
     from amuse_dist.titan.trainer import AmuseTrainer
     from amuse_dist.titan.validator import averaged_weights, weights_swapped
 
-    first_step, first_kind, first_path = targets[0]
-    config = job_config_for(first_path, first_kind, args)
+    config = prepare(targets, args) if config is None else config
     launch.offline_hub_defaults(launch.job_datasets(config))
-    config.training.steps = max(1, first_step)
-    for _, kind, path in targets:
-        if kind == "export":
-            _check_export_config(path, config, ExportError)
     trainer = AmuseTrainer(config, evaluating=True)
     rank = dist.get_rank()
     rows: list[dict[str, Any]] = []
@@ -360,6 +369,7 @@ def main(argv: list[str] | None = None) -> None:
         check_trusted(targets, args.trust)
         check_weights(targets, args.weights)
         check_files(targets)
+        config = prepare(targets, args)
     except (FileNotFoundError, RunError) as e:
         print(f"amuse-eval: {e}", file=sys.stderr)
         raise SystemExit(2) from None
@@ -369,7 +379,7 @@ def main(argv: list[str] | None = None) -> None:
     init_logger()
     launch.single_process_env()
     try:
-        rows = evaluate_targets(targets, args)
+        rows = evaluate_targets(targets, args, config)
     except (FileNotFoundError, RunError) as e:
         print(f"amuse-eval: {e}", file=sys.stderr)
         sys.stderr.flush()

@@ -384,7 +384,9 @@ class RunLock:
             "pid": os.getpid(),
             "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         }
-        self.info_path.write_text(json.dumps(record) + "\n")
+        tmp = self.info_path.with_name(self.info_path.name + ".tmp")
+        tmp.write_text(json.dumps(record) + "\n")
+        tmp.replace(self.info_path)
 
     def release(self) -> None:
         if self._lock.is_locked:
