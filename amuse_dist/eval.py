@@ -8,6 +8,10 @@ DCP checkpoint: the model (Y) and optimizer state are loaded and X = z + (y - z)
 from them. An export folder (``step-N/x``) is loaded from its safetensors. The model, tokenizer and
 validation data come from the checkpoint's ``amuse_meta.json`` (or ``--config``), so the loss is
 measured on the same fixed batches the run validated on. Prints a table and writes CSV and JSON.
+
+Checkpoints must be trusted: torch's DCP ``.metadata`` is a pickle, so loading a checkpoint can
+run code its author put there. amuse-eval refuses step folders that amuse_dist did not write (no
+``amuse_meta.json``) unless ``--trust`` is given; only evaluate folders from people you trust.
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ import csv
 import dataclasses
 import json
 import math
+import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -27,7 +32,13 @@ RESULT_FIELDS = ("step", "source", "weights", "loss", "perplexity", "tokens", "p
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="amuse-eval", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(
+        prog="amuse-eval",
+        description=__doc__.split("\n\n")[0],
+        epilog="SECURITY: checkpoints must be trusted. A DCP checkpoint's .metadata is a pickle: "
+        "loading it can run arbitrary code. Folders not written by amuse_dist (no "
+        "amuse_meta.json) are refused unless --trust is given.",
+    )
     p.add_argument("path", help="run folder, checkpoint folder, step-N folder or X export folder")
     p.add_argument(
         "--source",
@@ -47,17 +58,24 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--config", default=None, help="training TOML, for exports without metadata")
     p.add_argument("--out", default=None, help="write OUT.csv and OUT.json (default: next to PATH)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument(
+        "--trust",
+        action="store_true",
+        help="load step folders without amuse_meta.json (not written by amuse_dist); their "
+        "pickled DCP .metadata can run code: only for checkpoints you trust",
+    )
     args = p.parse_args(argv)
     if args.steps is not None and args.steps < 1:
         p.error(f"--steps must be >= 1, got {args.steps}")
+    if args.seq_len is not None and args.seq_len < 1:
+        p.error(f"--seq-len must be >= 1, got {args.seq_len}")
     return args
 
 
 # ------------------------------------------------------------------------------------ targets
 def find_targets(path: Path, source: str) -> list[tuple[int, str, Path]]:
     """(step, "dcp" | "export", folder) to evaluate, in step order."""
-    from amuse_dist.titan.checkpoint import STEP_DIR, complete_steps
-    from amuse_dist.titan.export import is_complete_export
+    from amuse_dist.titan.run_format import STEP_DIR, complete_steps, is_complete_export
 
     if not path.exists():
         raise FileNotFoundError(f"{path}: no such file or folder")
@@ -79,27 +97,65 @@ def find_targets(path: Path, source: str) -> list[tuple[int, str, Path]]:
     return [(s, *_pick(folder / f"step-{s}", source)) for s in steps]
 
 
+def check_trusted(targets: list[tuple[int, str, Path]], trust: bool) -> None:
+    """Refuse DCP folders amuse_dist did not write: their pickled .metadata can run code."""
+    from amuse_dist.titan.run_format import META_FILE, RunError
+
+    for _, kind, path in targets:
+        if kind == "dcp" and not (path / META_FILE).is_file() and not trust:
+            raise RunError(
+                f"{path}: no {META_FILE}, so amuse_dist did not write this checkpoint. Its DCP "
+                ".metadata is a pickle that can run code when loaded: pass --trust (and "
+                "--config with its training TOML) only if you trust its author"
+            )
+
+
+def check_weights(targets: list[tuple[int, str, Path]], weights: str) -> None:
+    """Refuse ``--weights y`` for an export that holds X (it would silently evaluate X)."""
+    from amuse_dist.titan.run_format import ExportInfo, RunError
+
+    for _, kind, path in targets:
+        if kind == "export" and weights == "y":
+            held = ExportInfo.read(path).weights
+            if held != "y":
+                raise RunError(
+                    f"--weights y: {path} holds {held.upper()}, not Y; evaluate Y from the DCP "
+                    f"state instead: amuse-eval {path.parent} --source dcp --weights y"
+                )
+
+
+def check_files(targets: list[tuple[int, str, Path]]) -> None:
+    """Truncated DCP shards and safetensors files, named before any model is built."""
+    from amuse_dist.titan.run_format import check_export_files, check_shard_sizes
+
+    for _, kind, path in targets:
+        if kind == "dcp":
+            check_shard_sizes(path)
+        else:
+            check_export_files(path)
+
+
 def _pick(step_dir: Path, source: str) -> tuple[str, Path]:
-    from amuse_dist.titan.checkpoint import read_meta
-    from amuse_dist.titan.export import is_complete_export
+    from amuse_dist.titan.run_format import export_dir, is_complete_export, read_meta
 
     if source in ("auto", "dcp"):
         return "dcp", step_dir
-    export = (read_meta(step_dir).get("export") or {}).get("folder", "x")
-    if not is_complete_export(step_dir / export):
-        raise FileNotFoundError(f"{step_dir / export}: no complete X export in this checkpoint")
-    return "export", step_dir / export
+    export = export_dir(step_dir, (read_meta(step_dir).get("export") or {}).get("folder", "x"))
+    if not is_complete_export(export):
+        raise FileNotFoundError(f"{export}: no complete X export in this checkpoint")
+    return "export", export
 
 
 def _export_step(path: Path) -> int:
-    info = json.loads((path / "amuse_export.json").read_text())
-    return int(info.get("step", -1))
+    from amuse_dist.titan.run_format import ExportInfo
+
+    return int(ExportInfo.read(path).step)
 
 
 def job_config_for(target: Path, kind: str, args: argparse.Namespace) -> Any:
     """The run's JobConfig (from the checkpoint's metadata or ``--config``), set up for eval."""
-    from amuse_dist.titan.checkpoint import read_meta
     from amuse_dist.titan.config import import_plugins, parse_job_config
+    from amuse_dist.titan.run_format import META_FILE, RunError, read_meta
 
     step_dir = target if kind == "dcp" else target.parent
     meta = read_meta(step_dir)
@@ -111,7 +167,7 @@ def job_config_for(target: Path, kind: str, args: argparse.Namespace) -> Any:
         _assign(config, meta["config"])
     else:
         raise FileNotFoundError(
-            f"{step_dir / 'amuse_meta.json'} not found: pass --config with the training TOML"
+            f"{step_dir / META_FILE} not found: pass --config with the training TOML"
         )
     ck = config.checkpoint
     ck.enable = True
@@ -133,6 +189,12 @@ def job_config_for(target: Path, kind: str, args: argparse.Namespace) -> Any:
     for key, value in overrides.items():
         if value is not None:
             setattr(config.validation, key, value)
+    if config.validation.seq_len > config.training.seq_len:
+        flag = "--seq-len" if args.seq_len is not None else "[validation] seq_len"
+        raise RunError(
+            f"{flag} = {config.validation.seq_len}: expected <= {config.training.seq_len}, the "
+            f"model's context ([training] seq_len of the run in {step_dir.parent})"
+        )
     return config
 
 
@@ -149,8 +211,22 @@ def _assign(obj: Any, values: dict[str, Any]) -> None:
 
 
 # ------------------------------------------------------------------------------------ evaluation
+def prepare(targets: list[tuple[int, str, Path]], args: argparse.Namespace) -> Any:
+    """The evaluation's JobConfig, with every check that needs no model or process group:
+    the validation seq_len within the model's, each export made for this model."""
+    from amuse_dist.titan.run_format import ExportError
+
+    first_step, first_kind, first_path = targets[0]
+    config = job_config_for(first_path, first_kind, args)
+    config.training.steps = max(1, first_step)
+    for _, kind, path in targets:
+        if kind == "export":
+            _check_export_config(path, config, ExportError)
+    return config
+
+
 def evaluate_targets(
-    targets: list[tuple[int, str, Path]], args: argparse.Namespace
+    targets: list[tuple[int, str, Path]], args: argparse.Namespace, config: Any = None
 ) -> list[dict[str, Any]]:
     import torch
     import torch.distributed as dist
@@ -158,14 +234,13 @@ def evaluate_targets(
     from tqdm import tqdm
 
     from amuse_dist.titan.export import load_hf_export
+    from amuse_dist.titan.run_format import ExportError, ExportInfo
     from amuse_dist.titan.trainer import AmuseTrainer
     from amuse_dist.titan.validator import averaged_weights, weights_swapped
 
-    first_step, first_kind, first_path = targets[0]
-    config = job_config_for(first_path, first_kind, args)
+    config = prepare(targets, args) if config is None else config
     launch.offline_hub_defaults(launch.job_datasets(config))
-    config.training.steps = max(1, first_step)
-    trainer = AmuseTrainer(config)
+    trainer = AmuseTrainer(config, evaluating=True)
     rank = dist.get_rank()
     rows: list[dict[str, Any]] = []
     try:
@@ -184,12 +259,12 @@ def evaluate_targets(
                 weights = "x" if xs else "y"
             else:
                 state = load_hf_export(path, trainer.checkpointer.sd_adapter)
+                _check_export_shapes(path, state, model_parts[0], config, ExportError)
                 set_model_state_dict(
                     model_parts[0], state, options=StateDictOptions(full_state_dict=True)
                 )
                 loss, tokens = trainer.validator.evaluate(model_parts)
-                info = json.loads((path / "amuse_export.json").read_text())
-                weights = info.get("weights", "x")
+                weights = ExportInfo.read(path).weights
             rows.append(
                 {
                     "step": step,
@@ -206,6 +281,60 @@ def evaluate_targets(
     finally:
         trainer.close()
     return rows
+
+
+def _config_source(config: Any) -> str:
+    return (
+        f"--config {config.job.config_file}"
+        if getattr(config.job, "config_file", None)
+        else "the checkpoint's amuse_meta.json"
+    )
+
+
+def _check_export_config(path: Path, config: Any, error: type[Exception]) -> None:
+    """Refuse, before building any model, an export whose config.json describes another model
+    than the one the evaluation config builds."""
+    from amuse_dist.titan.train_spec import FLAVORS
+
+    args = FLAVORS.get(config.model.flavor) if config.model.name == "llama3_amuse" else None
+    cfg_file = path / "config.json"
+    if args is None or not cfg_file.is_file():
+        return
+    try:
+        saved = json.loads(cfg_file.read_text())
+    except (OSError, ValueError) as e:
+        raise error(f"{cfg_file}: unreadable ({e})") from e
+    ours = {
+        "hidden_size": args.dim,
+        "num_hidden_layers": args.n_layers,
+        "num_attention_heads": args.n_heads,
+        "num_key_value_heads": args.n_kv_heads or args.n_heads,
+        "vocab_size": args.vocab_size,
+    }
+    for key, value in ours.items():
+        if key in saved and saved[key] != value:
+            raise error(
+                f"{cfg_file}: {key} = {saved[key]}, but the model from {_config_source(config)} "
+                f'([model] flavor = "{config.model.flavor}") has {value}: this export comes '
+                "from another model; pass the training TOML of the run that wrote it"
+            )
+
+
+def _check_export_shapes(
+    path: Path, state: dict[str, Any], model: Any, config: Any, error: type[Exception]
+) -> None:
+    """Refuse an export whose tensors do not match the model built from the config."""
+    where = _config_source(config)
+    for name, p in model.named_parameters():
+        if name not in state:
+            raise error(f"{path}: no tensor for {name!r}; the model comes from {where}")
+        got, want = tuple(state[name].shape), tuple(p.shape)
+        if got != want:
+            raise error(
+                f"{path}: {name!r} is {list(got)} there but {list(want)} in the model "
+                f"[model] {config.model.name} flavor {config.model.flavor} from {where}: was it "
+                "exported from another model?"
+            )
 
 
 def write_results(rows: list[dict[str, Any]], out: Path) -> tuple[Path, Path]:
@@ -232,10 +361,16 @@ def format_table(rows: list[dict[str, Any]]) -> str:
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     path = Path(args.path)
+    from amuse_dist.titan.run_format import RunError
+
     launch.setup_device()  # before anything imports torchtitan
     try:
         targets = find_targets(path, args.source)
-    except FileNotFoundError as e:
+        check_trusted(targets, args.trust)
+        check_weights(targets, args.weights)
+        check_files(targets)
+        config = prepare(targets, args)
+    except (FileNotFoundError, RunError) as e:
         print(f"amuse-eval: {e}", file=sys.stderr)
         raise SystemExit(2) from None
 
@@ -243,7 +378,12 @@ def main(argv: list[str] | None = None) -> None:
 
     init_logger()
     launch.single_process_env()
-    rows = evaluate_targets(targets, args)
+    try:
+        rows = evaluate_targets(targets, args, config)
+    except (FileNotFoundError, RunError) as e:
+        print(f"amuse-eval: {e}", file=sys.stderr)
+        sys.stderr.flush()
+        os._exit(getattr(e, "exit_code", 2))  # as leave_process_group: no finalization abort
 
     import torch.distributed as dist
 
@@ -257,7 +397,7 @@ def main(argv: list[str] | None = None) -> None:
 
 def _default_out(path: Path) -> Path:
     """Next to what was evaluated; never inside an export folder (it stays as written)."""
-    from amuse_dist.titan.export import is_complete_export
+    from amuse_dist.titan.run_format import is_complete_export
 
     if is_complete_export(path):
         return path.parent / f"amuse_eval_{path.name}"

@@ -31,7 +31,7 @@ def main(argv: list[str] | None = None) -> None:
 
     launch.offline_hub_defaults(launch.job_datasets(config))
     launch.single_process_env()
-    from amuse_dist.titan.checkpoint import CheckpointError
+    from amuse_dist.titan.run_format import RunError
     from amuse_dist.titan.trainer import AmuseTrainer, dump_full_state
 
     logger.info(f"amuse_dist: device {device}, optimizer {config.optimizer.name}")
@@ -45,11 +45,11 @@ def main(argv: list[str] | None = None) -> None:
             trainer.checkpointer.save(curr_step=0, last_step=True)
         else:
             trainer.train()
-    except CheckpointError as e:  # already names the path and the problem: no traceback
+    except RunError as e:  # already names the path or key and the problem: no traceback
         if trainer is not None:
             trainer.close()
         print(f"amuse-train: {e}", file=sys.stderr)
-        raise SystemExit(1) from None
+        raise SystemExit(e.exit_code) from None
     except Exception:
         if trainer is not None:
             trainer.close()

@@ -20,7 +20,7 @@ _real_export = trainer_module.export_hf
 
 def _dying_export(dest: Path, *args, **kwargs):  # type: ignore[no-untyped-def]
     info = args[-1]
-    if info["step"] == CRASH_STEP:
+    if info.step == CRASH_STEP:
         tmp = Path(dest).with_name(Path(dest).name + ".tmp")
         tmp.mkdir(parents=True, exist_ok=True)
         (tmp / "model-00001-of-00001.safetensors").write_bytes(b"half a file")

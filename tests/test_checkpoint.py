@@ -283,7 +283,7 @@ def test_clear_errors_and_nothing_deleted(straight: Path, tmp_path: Path, assets
     shard = sorted((dump / "checkpoint" / "step-10").glob("*.distcp"))[0]
     shard.write_bytes(shard.read_bytes()[:100])
     err = _resume_error(dump, assets, tmp_path)
-    assert "could not be loaded" in err and str(dump / "checkpoint" / "step-10") in err, err[-3000:]
+    assert "truncated" in err and str(shard) in err, err[-3000:]
     # a missing step
     err = _resume_error(dump, assets, tmp_path, checkpoint__load_step=7)
     assert "step-7 not found" in err, err[-3000:]

@@ -14,9 +14,7 @@ folder naming and ``load``), and changes how a save lands on disk:
 
 from __future__ import annotations
 
-import json
 import os
-import re
 import shutil
 from collections.abc import Callable
 from pathlib import Path
@@ -30,13 +28,31 @@ from torchtitan.components.checkpoint import AsyncMode, CheckpointManager
 from torchtitan.tools.logging import logger
 
 from amuse_dist.optim import registry
+from amuse_dist.titan import resume_contract
+from amuse_dist.titan.run_format import (
+    META_FILE,
+    STEP_DIR,
+    CheckpointError,
+    DivergenceError,
+    abandon_later_steps,
+    check_shard_sizes,
+    complete_steps,
+    publish,
+    read_meta,
+    recover_replaced,
+    saving_dir,
+    write_meta,
+)
 
-META_FILE = "amuse_meta.json"
-STEP_DIR = re.compile(r"^step-(\d+)$")
-
-
-class CheckpointError(RuntimeError):
-    """A checkpoint that cannot be loaded into this run; the message names the path."""
+__all__ = [
+    "META_FILE",
+    "STEP_DIR",
+    "AnytimeCheckpointManager",
+    "CheckpointError",
+    "complete_steps",
+    "guess_optimizer",
+    "read_meta",
+]
 
 
 def _rank() -> int:
@@ -64,30 +80,6 @@ def guess_optimizer(keys: set[str]) -> str:
     return registry.guess_from_state(names)
 
 
-def read_meta(step_dir: str | os.PathLike[str]) -> dict[str, Any]:
-    """The checkpoint's ``amuse_meta.json`` ({} for checkpoints written by plain torchtitan)."""
-    path = Path(step_dir) / META_FILE
-    if not path.is_file():
-        return {}
-    try:
-        return json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as e:
-        raise CheckpointError(f"checkpoint {step_dir}: unreadable {META_FILE}: {e}") from e
-
-
-def complete_steps(folder: str | os.PathLike[str]) -> list[int]:
-    """Steps with a finished checkpoint (``step-N`` holding DCP ``.metadata``), ascending."""
-    folder = Path(folder)
-    if not folder.is_dir():
-        return []
-    steps = []
-    for child in folder.iterdir():
-        m = STEP_DIR.match(child.name)
-        if m and (child / ".metadata").is_file():
-            steps.append(int(m.group(1)))
-    return sorted(steps)
-
-
 class AnytimeCheckpointManager(CheckpointManager):
     """torchtitan's CheckpointManager with atomic saves, X export and checked loads."""
 
@@ -96,11 +88,17 @@ class AnytimeCheckpointManager(CheckpointManager):
         *args: Any,
         export_fn: Callable[[Path, int], dict[str, Any] | None] | None = None,
         meta: dict[str, Any] | None = None,
+        state_finite: Callable[[], bool] | None = None,
+        trust: bool = False,
+        resume_override: list[str] | tuple[str, ...] = (),
         **kwargs: Any,
     ) -> None:
         super().__init__(*args, **kwargs)
         self.export_fn = export_fn
         self.meta = dict(meta or {})
+        self.state_finite = state_finite
+        self.trust = trust
+        self.resume_override = set(resume_override)
         self.last_saved_step = -1
         if self.enable and self.async_mode != AsyncMode.DISABLED:
             raise ValueError(
@@ -124,7 +122,19 @@ class AnytimeCheckpointManager(CheckpointManager):
         if curr_step == self.last_saved_step:
             return
         final = Path(self._create_checkpoint_id(curr_step))
-        tmp = final.with_name(f".saving-{curr_step}")
+        if self.state_finite is not None and not self.state_finite():
+            newest = complete_steps(self.folder)
+            raise DivergenceError(
+                f"step {curr_step}: the model or optimizer state is not finite (diverged); "
+                f"checkpoint {final} was not written. "
+                + (
+                    f"Newest finite checkpoint: step-{newest[-1]}, kept; resume from it"
+                    if newest
+                    else "No checkpoint to resume from; restart"
+                )
+                + " with a lower --optimizer.lr"
+            )
+        tmp = saving_dir(final)
         if _rank() == 0:
             shutil.rmtree(tmp, ignore_errors=True)
             tmp.parent.mkdir(parents=True, exist_ok=True)
@@ -139,9 +149,8 @@ class AnytimeCheckpointManager(CheckpointManager):
         )
         export_info = self.export_fn(tmp, curr_step) if self.export_fn is not None else None
         if _rank() == 0:
-            meta = {**self.meta, "step": curr_step, "export": export_info}
-            (tmp / META_FILE).write_text(json.dumps(meta, indent=2, default=str) + "\n")
-            _publish(tmp, final)
+            write_meta(tmp, {**self.meta, "step": curr_step, "export": export_info})
+            publish(tmp, final)
         _barrier()
         self.last_saved_step = curr_step
         self._purge_stale_checkpoints()
@@ -156,11 +165,16 @@ class AnytimeCheckpointManager(CheckpointManager):
             self.purge_queue.put(self._create_checkpoint_id(step))
 
     # ----------------------------------------------------------------------------- load
+    @property
+    def resuming(self) -> bool:
+        """A training resume (amuse-eval loads without the train state and changes nothing)."""
+        return "train_state" not in self.exclude_from_loading
+
     def load(self, step: int = -1) -> bool:
         if not self.enable or not os.path.isdir(self.folder):
             return super().load(step)
         if _rank() == 0:
-            _recover_replaced(Path(self.folder))
+            recover_replaced(self.folder)
         _barrier()
         load_step = self._find_load_step() if step == -1 else step
         if load_step == -1:
@@ -171,14 +185,99 @@ class AnytimeCheckpointManager(CheckpointManager):
                 f"checkpoint {path} not found (checkpoint.load_step = {step}); complete "
                 f"checkpoints in {self.folder}: {complete_steps(self.folder) or 'none'}"
             )
+        if not (Path(path) / META_FILE).is_file() and not self.trust:
+            raise CheckpointError(
+                f"checkpoint {path}: no {META_FILE}, so amuse_dist did not write it. Its DCP "
+                ".metadata is a pickle that can run code when loaded; set "
+                "--anytime.trust_checkpoints only if you trust its author"
+            )
+        check_shard_sizes(path)
         self.check_compatible(path, model_only=load_step == 0)
+        changed = self._check_resume_contract(path) if self.resuming and load_step > 0 else []
+        if step != -1 and self.resuming:
+            self._abandon_after(load_step)
+        fresh = self._hyper_parameters()
         try:
-            return super().load(load_step)
+            loaded = super().load(load_step)
         except (Exception, CheckpointException) as e:  # DCP's errors name neither folder nor cause
             raise CheckpointError(
                 f"checkpoint {path} could not be loaded (corrupt or incomplete files?): "
                 f"{_describe(e)}"
             ) from e
+        if self.resuming:
+            self._apply_hyper_parameters(fresh)
+            for c in changed:
+                logger.warning(
+                    f"resume from step-{load_step}: {c.name} changed {c.saved!r} -> {c.new!r}, "
+                    f"applied from step {load_step + 1}"
+                    + (" (override of the resume contract)" if c.policy != "changeable" else "")
+                    + f": {c.why}"
+                )
+        return loaded
+
+    def _abandon_after(self, load_step: int) -> None:
+        """A rollback: move the later checkpoints aside so a plain restart cannot reach them."""
+        moved: list[Any] = [None, []]
+        if _rank() == 0:
+            dest, later = abandon_later_steps(self.folder, load_step)
+            moved = [str(dest) if dest else None, later]
+        if dist.is_initialized():
+            dist.broadcast_object_list(moved, src=0)
+        if moved[0]:
+            logger.warning(
+                f"rollback to step-{load_step}: the later checkpoints "
+                f"{', '.join(f'step-{s}' for s in moved[1])} are abandoned, moved to {moved[0]} "
+                "(kept, not deleted; a plain restart resumes from this history)"
+            )
+
+    def _check_resume_contract(self, path: str) -> list[resume_contract.Change]:
+        """Refuse the changes the contract refuses (unless overridden); the others, to log."""
+        saved = read_meta(path).get("config")
+        new = self.meta.get("config")
+        if not saved or not new:
+            return []
+        changed = resume_contract.changes(saved, new)
+        refused = [
+            c
+            for c in changed
+            if c.policy == resume_contract.REFUSED
+            and f"{c.section}.{c.key}" not in self.resume_override
+        ]
+        if refused:
+            raise CheckpointError(resume_contract.refusal(path, refused))
+        return changed
+
+    def _hyper_parameters(self) -> dict[str, Any]:
+        """The hyper-parameters this run's config put into the optimizers and LR schedulers."""
+        out: dict[str, Any] = {"groups": [], "base_lrs": []}
+        opts = self.states.get("optimizer")
+        for opt in getattr(opts, "optimizers", []):
+            keys = [k for k in opt.defaults if k not in ("lr", "params")]
+            out["groups"].append([{k: g[k] for k in keys if k in g} for g in opt.param_groups])
+        scheds = self.states.get("lr_scheduler")
+        for sched in getattr(scheds, "schedulers", []):
+            out["base_lrs"].append(list(sched.base_lrs))
+        return out
+
+    def _apply_hyper_parameters(self, fresh: dict[str, Any]) -> None:
+        """Put this run's hyper-parameters back after loading: the optimizer's state_dict
+        restores the saved param groups, so without this a changed value would be ignored."""
+        opts = self.states.get("optimizer")
+        for opt, groups in zip(getattr(opts, "optimizers", []), fresh["groups"], strict=True):
+            for group, values in zip(opt.param_groups, groups, strict=True):
+                group.update(values)
+        scheds = self.states.get("lr_scheduler")
+        if "lr_scheduler" in self.exclude_from_loading or scheds is None:
+            return
+        for sched, base_lrs in zip(scheds.schedulers, fresh["base_lrs"], strict=True):
+            if list(sched.base_lrs) == base_lrs:
+                continue
+            sched.base_lrs = list(base_lrs)
+            lambdas = getattr(sched, "lr_lambdas", [lambda _: 1.0] * len(base_lrs))
+            lrs = [base * f(sched.last_epoch) for f, base in zip(lambdas, base_lrs, strict=True)]
+            for group, base, lr in zip(sched.optimizer.param_groups, base_lrs, lrs, strict=True):
+                group["initial_lr"], group["lr"] = base, lr
+            sched._last_lr = lrs
 
     def check_compatible(self, path: str, model_only: bool = False) -> None:
         """Raise CheckpointError if ``path`` was written for another model or optimizer."""
@@ -229,21 +328,3 @@ def _describe(e: BaseException) -> str:
         rank, failure = next(iter(failures.items()))
         return f"rank {rank}: {type(failure).__name__}: {failure}"
     return f"{type(e).__name__}: {e}"
-
-
-def _publish(tmp: Path, final: Path) -> None:
-    """Rename the finished ``tmp`` folder to ``final``, replacing an older one of that step."""
-    replaced = final.with_name(f".replaced-{final.name}")
-    if final.exists():
-        shutil.rmtree(replaced, ignore_errors=True)
-        final.rename(replaced)
-    tmp.rename(final)
-    shutil.rmtree(replaced, ignore_errors=True)
-
-
-def _recover_replaced(folder: Path) -> None:
-    """Undo a publish that crashed between its two renames (the old folder is kept)."""
-    for old in folder.glob(".replaced-step-*"):
-        final = folder / old.name[len(".replaced-") :]
-        if not final.exists():
-            old.rename(final)

@@ -52,6 +52,14 @@ class Anytime:
     """Also validate at the training weights Y: tag validation_y/loss."""
     save_on_sigterm: bool = True
     """On SIGTERM (SLURM preemption) finish the step, save a checkpoint and exit cleanly."""
+    nonfinite_skips: int = 0
+    """Divergence guard: steps with a non-finite loss or gradient that may be skipped (the
+    optimizer step is not taken) before the run stops; 0 stops at the first one."""
+    resume_override: list[str] = field(default_factory=list)
+    """"section.key" entries a resume may change although the resume contract refuses them."""
+    trust_checkpoints: bool = False
+    """Load checkpoints without amuse_meta.json (not written by amuse_dist); their pickled
+    DCP .metadata can run code."""
 
 
 def job_config_cls() -> type:
@@ -255,6 +263,7 @@ _RANGES: dict[tuple[str, str], tuple[Any, str]] = {
     ("metrics", "log_freq"): _int_at_least(1),
     ("checkpoint", "interval"): _int_at_least(1),
     ("checkpoint", "keep_latest_k"): (lambda v: v >= 0, "an int >= 0 (0 keeps every checkpoint)"),
+    ("anytime", "nonfinite_skips"): _int_at_least(0),
 }
 
 
@@ -304,6 +313,18 @@ def check_values(cfg: Any, explicit: set[tuple[str, str]] = frozenset()) -> list
         )
     if v.enable and v.freq < 1:
         errors.append(f"[validation] freq = {v.freq}: expected an int >= 1")
+    if cfg.anytime.export_x:
+        from amuse_dist.titan.run_format import RunError, check_export_folder
+
+        try:
+            check_export_folder(cfg.anytime.export_folder)
+        except RunError as e:
+            errors.append(str(e))
+    if v.enable and v.seq_len > cfg.training.seq_len:
+        errors.append(
+            f"[validation] seq_len = {v.seq_len}: expected <= [training] seq_len = "
+            f"{cfg.training.seq_len} (the model's context is the training sequence length)"
+        )
     uses_local = cfg.training.dataset in LOCAL_DATASETS or (
         v.enable and v.dataset in LOCAL_DATASETS
     )

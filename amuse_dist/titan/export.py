@@ -19,8 +19,16 @@ import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint import HuggingFaceStorageWriter
 
-EXPORT_MARKER = "amuse_export.json"
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
+from amuse_dist.titan.run_format import (
+    EXPORT_MARKER,
+    TOKENIZER_FILES,
+    ExportError,
+    ExportInfo,
+    is_complete_export,
+    publish,
+)
+
+__all__ = ["EXPORT_MARKER", "export_hf", "hf_llama_config", "is_complete_export", "load_hf_export"]
 
 
 def _rank() -> int:
@@ -74,7 +82,7 @@ def export_hf(
     sd_adapter: Any,
     model_args: Any,
     tokenizer_dir: str | os.PathLike[str] | None,
-    info: dict[str, Any],
+    info: ExportInfo,
 ) -> Path:
     """Write ``state_dict`` (torchtitan names, plain or DTensor) as an HF Llama folder at ``dest``.
 
@@ -101,13 +109,8 @@ def export_hf(
                 src = Path(tokenizer_dir) / name
                 if src.is_file():
                     shutil.copy2(src, tmp / name)
-        (tmp / EXPORT_MARKER).write_text(json.dumps(info, indent=2, sort_keys=True) + "\n")
-        old = dest.with_name(dest.name + ".old")
-        if dest.exists():
-            shutil.rmtree(old, ignore_errors=True)
-            dest.rename(old)
-        tmp.rename(dest)
-        shutil.rmtree(old, ignore_errors=True)
+        info.write(tmp)  # the marker, last
+        publish(tmp, dest)
     _barrier()
     return dest
 
@@ -130,22 +133,29 @@ def _permutable(state_dict: dict[str, torch.Tensor], model_args: Any) -> dict[st
     return out
 
 
-def is_complete_export(path: str | os.PathLike[str]) -> bool:
-    """True for a folder that an export finished writing."""
-    p = Path(path)
-    return (p / EXPORT_MARKER).is_file() and any(p.glob("*.safetensors"))
-
-
 def load_hf_export(path: str | os.PathLike[str], sd_adapter: Any) -> dict[str, torch.Tensor]:
     """Read an export back into torchtitan names (plain tensors)."""
     from safetensors.torch import load_file
 
     p = Path(path)
     if not is_complete_export(p):
-        raise FileNotFoundError(
+        raise ExportError(
             f"{p} is not a complete X export (expected *.safetensors and {EXPORT_MARKER})"
         )
     hf_sd: dict[str, torch.Tensor] = {}
     for f in sorted(p.glob("*.safetensors")):
-        hf_sd.update(load_file(f))
-    return sd_adapter.from_hf(hf_sd)
+        try:
+            hf_sd.update(load_file(f))
+        except Exception as e:  # safetensors' own message names no file
+            raise ExportError(
+                f"{f}: unreadable safetensors file, truncated or corrupt "
+                f"({type(e).__name__}: {e}); evaluate its checkpoint's DCP state instead: "
+                f"amuse-eval {p.parent} --source dcp"
+            ) from e
+    try:
+        return sd_adapter.from_hf(hf_sd)
+    except Exception as e:
+        raise ExportError(
+            f"{p}: its tensors do not fit this model's layout ({type(e).__name__}: {e}); was it "
+            "exported from another model? check --config / the export's config.json"
+        ) from e

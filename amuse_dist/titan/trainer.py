@@ -18,18 +18,38 @@ from amuse_dist.titan import train_spec
 from amuse_dist.titan.checkpoint import AnytimeCheckpointManager
 from amuse_dist.titan.config import LOCAL_DATASETS
 from amuse_dist.titan.export import export_hf
+from amuse_dist.titan.run_format import (
+    DivergenceError,
+    ExportInfo,
+    RunLock,
+    RunLockError,
+    check_export_folder,
+    complete_steps,
+    copy_run_assets,
+    export_dir,
+    run_tokenizer_dir,
+)
 from amuse_dist.titan.validator import averaged_weights
 
 
 class AmuseTrainer(Trainer):
-    """Adds: whole-config access for the optimizer builder, and the offline corpus/tokenizer
-    (built once by rank 0 after the process group exists, before dataloaders are built)."""
+    """Adds: whole-config access for the optimizer builder, the offline corpus/tokenizer (built
+    once by rank 0 after the process group exists, before dataloaders are built), one run per
+    dump folder (a lock held by rank 0), the divergence guard, and the run's own copy of the
+    export assets. ``evaluating=True`` (amuse-eval) only reads the run folder: no lock, no copy.
+    """
 
-    def __init__(self, job_config: Any) -> None:
+    def __init__(self, job_config: Any, evaluating: bool = False) -> None:
+        self.evaluating = evaluating
+        self._run_lock: RunLock | None = None
+        self._skipped_steps = 0
+        if job_config.anytime.export_x:
+            check_export_folder(job_config.anytime.export_folder)
         train_spec.set_job_config(job_config)
         train_spec.register()
         super().__init__(job_config)
         self._replace_checkpointer()
+        self._guard_optimizer_step()
         if getattr(self, "validator", None) is not None:
             self.validator.optimizers = self.optimizers
         self._sigterm = False
@@ -58,6 +78,9 @@ class AmuseTrainer(Trainer):
             sd_adapter=sd_adapter,
             base_folder=cfg.job.dump_folder,
             export_fn=self.export_weights if cfg.anytime.export_x and sd_adapter else None,
+            state_finite=None if self.evaluating else self.state_is_finite,
+            trust=cfg.anytime.trust_checkpoints,
+            resume_override=cfg.anytime.resume_override,
             meta={
                 "optimizer": cfg.optimizer.name,
                 "model": {"name": cfg.model.name, "flavor": cfg.model.flavor},
@@ -79,23 +102,113 @@ class AmuseTrainer(Trainer):
         """Write X as HF safetensors into ``step_dir/<export_folder>`` (a collective)."""
         cfg = self.job_config
         state, averaged = self.x_state_dict()
-        info = {
-            "step": step,
-            "weights": "x" if averaged else "y",
-            "optimizer": cfg.optimizer.name,
-            "model": {"name": cfg.model.name, "flavor": cfg.model.flavor},
-            "beta_y": _beta_y(self.optimizers),
-        }
-        dest = Path(step_dir) / cfg.anytime.export_folder
+        info = ExportInfo(
+            step=step,
+            weights="x" if averaged else "y",
+            optimizer=cfg.optimizer.name,
+            model={"name": cfg.model.name, "flavor": cfg.model.flavor},
+            beta_y=_beta_y(self.optimizers),
+            folder=cfg.anytime.export_folder,
+        )
+        dest = export_dir(step_dir, cfg.anytime.export_folder)
+        tokenizer = run_tokenizer_dir(cfg.job.dump_folder)
         export_hf(
             dest,
             state,
             self.checkpointer.sd_adapter,
             self.model_args,
-            cfg.model.hf_assets_path,
+            tokenizer if tokenizer.is_dir() else None,
             info,
         )
-        return {"folder": cfg.anytime.export_folder, **info}
+        return dataclasses.asdict(info)
+
+    # ------------------------------------------------------------------ divergence guard
+    def _all_ranks_true(self, ok: bool) -> bool:
+        flag = torch.tensor([1.0 if ok else 0.0], device=self.device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+        return bool(flag.item())
+
+    @staticmethod
+    def _finite(tensors: list[torch.Tensor]) -> bool:
+        """All local values finite: one norm per tensor, summed (NaN or inf survives the sum)."""
+        from torch.distributed.tensor import DTensor
+
+        local = [t.to_local() if isinstance(t, DTensor) else t for t in tensors]
+        local = [t for t in local if t.is_floating_point() and t.numel() > 0]
+        if not local:
+            return True
+        return bool(torch.isfinite(torch.stack(torch._foreach_norm(local)).sum()))
+
+    def state_is_finite(self) -> bool:
+        """Model weights and optimizer state finite on every rank (checked before each save)."""
+        tensors = [p.detach() for m in self.model_parts for p in m.parameters()]
+        for opt in getattr(self.optimizers, "optimizers", []):
+            for state in opt.state.values():
+                tensors += [v for v in state.values() if isinstance(v, torch.Tensor)]
+        return self._all_ranks_true(self._finite(tensors))
+
+    def _guard_optimizer_step(self) -> None:
+        """Take the optimizer step only when every gradient is finite; otherwise skip it (up to
+        ``[anytime] nonfinite_skips`` times) or stop the run with DivergenceError."""
+        container = self.optimizers
+        real_step = container.step
+
+        def guarded_step(*args: Any, **kwargs: Any) -> Any:
+            grads = [p.grad for m in self.model_parts for p in m.parameters() if p.grad is not None]
+            if self._all_ranks_true(self._finite(grads)):
+                return real_step(*args, **kwargs)
+            self._skipped_steps += 1
+            limit = self.job_config.anytime.nonfinite_skips
+            if self._skipped_steps > limit:
+                newest = complete_steps(self.checkpointer.folder) if self.checkpointer else []
+                raise DivergenceError(
+                    f"step {self.step}: non-finite loss or gradient (diverged; "
+                    f"{self._skipped_steps - 1} of [anytime] nonfinite_skips = {limit} skips "
+                    "used). Nothing non-finite was saved; "
+                    + (
+                        f"newest checkpoint: step-{newest[-1]}, resume from it"
+                        if newest
+                        else "no checkpoint yet, restart"
+                    )
+                    + " with a lower --optimizer.lr"
+                )
+            logger.warning(
+                f"step {self.step}: non-finite loss or gradient, optimizer step skipped "
+                f"({self._skipped_steps} of [anytime] nonfinite_skips = {limit})"
+            )
+            container.zero_grad()
+            return None
+
+        container.step = guarded_step  # type: ignore[method-assign]
+
+    # ------------------------------------------------------------------ run folder
+    def _lock_run_folder(self) -> None:
+        """Rank 0 takes the dump folder's lock; every rank stops if another run holds it."""
+        msg: list[Any] = [None]
+        if dist.get_rank() == 0:
+            lock = RunLock(self.job_config.job.dump_folder)
+            try:
+                lock.acquire()
+                self._run_lock = lock
+                if lock.stale:
+                    logger.warning(
+                        f"{lock.info_path}: the previous run (host {lock.stale.get('host')}, pid "
+                        f"{lock.stale.get('pid')}, started {lock.stale.get('started')}) ended "
+                        "without releasing the folder (killed?); taking it over"
+                    )
+            except RunLockError as e:
+                msg = [str(e)]
+        dist.broadcast_object_list(msg, src=0)
+        if msg[0]:
+            raise RunLockError(msg[0])
+
+    def close(self) -> None:
+        try:
+            super().close()
+        finally:
+            if self._run_lock is not None:
+                self._run_lock.release()
+                self._run_lock = None
 
     # ------------------------------------------------------------------ preemption
     def _on_sigterm(self, signum: int, frame: Any) -> None:
@@ -121,8 +234,23 @@ class AmuseTrainer(Trainer):
 
     def init_distributed(self) -> ParallelDims:
         parallel_dims = super().init_distributed()
+        if not self.evaluating:
+            self._lock_run_folder()
         self._prepare_local_data()
+        if not self.evaluating:
+            self._copy_run_assets()
         return parallel_dims
+
+    def _copy_run_assets(self) -> None:
+        """Copy the tokenizer into the run folder once (rank 0); exports read only that copy."""
+        cfg = self.job_config
+        if not (cfg.checkpoint.enable and cfg.anytime.export_x):
+            return
+        if dist.get_rank() == 0:
+            copied = copy_run_assets(cfg.model.hf_assets_path, cfg.job.dump_folder)
+            if copied is not None:
+                logger.info(f"exports ship the tokenizer copied into the run folder: {copied}")
+        dist.barrier()
 
     def _prepare_local_data(self) -> None:
         cfg = self.job_config

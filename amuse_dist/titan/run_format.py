@@ -1,0 +1,400 @@
+"""The on-disk format of a run folder, in one place: names, markers, the export info record,
+atomic publish, completeness checks, the run lock and rollback.
+
+A run folder (``[job] dump_folder``) looks like::
+
+    .amuse_run.lock                 run lock (held by rank 0 while a trainer runs)
+    .amuse_run.json                 who holds it: host, pid, start time
+    export_assets/tokenizer/        tokenizer files copied once at start; every export reads them
+    checkpoint/step-N/              a complete checkpoint: DCP files + .metadata + amuse_meta.json
+    checkpoint/step-N/x/            its X export: *.safetensors, config.json, amuse_export.json
+    checkpoint/.saving-N/           a save in progress (renamed to step-N when complete)
+    checkpoint/abandoned-after-N-T/ checkpoints later than a rollback to step N (kept, unreachable)
+
+It imports neither torchtitan nor (at module level) torch, so the CLIs use it before the device
+is set up. Every error it raises names the file or the key and what was expected.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import re
+import shutil
+import socket
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+META_FILE = "amuse_meta.json"
+EXPORT_MARKER = "amuse_export.json"
+DCP_METADATA = ".metadata"
+STEP_DIR = re.compile(r"^step-(\d+)$")
+SAVING_PREFIX = ".saving-"
+REPLACED_PREFIX = ".replaced-"
+ABANDONED_PREFIX = "abandoned-after-"
+LOCK_FILE = ".amuse_run.lock"
+LOCK_INFO = ".amuse_run.json"
+RUN_ASSETS = "export_assets"
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
+_EXPORT_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]*$")
+
+PathLike = str | os.PathLike[str]
+
+
+# ------------------------------------------------------------------------------------ errors
+class RunError(RuntimeError):
+    """A problem the CLIs report without a traceback; ``exit_code`` is the process status."""
+
+    exit_code = 2
+
+
+class CheckpointError(RunError):
+    """A checkpoint that cannot be loaded into this run; the message names the path."""
+
+
+class ExportError(RunError):
+    """An export folder that cannot be read or does not fit the model; names the file."""
+
+
+class RunLockError(RunError):
+    """The dump folder is in use by another run."""
+
+
+class DivergenceError(RunError):
+    """A non-finite loss, gradient or state: the run stops, nothing non-finite is published."""
+
+    exit_code = 3
+
+
+# ------------------------------------------------------------------------------------ names
+def step_name(step: int) -> str:
+    return f"step-{step}"
+
+
+def step_of(path: PathLike) -> int | None:
+    """N for a ``step-N`` folder, else None."""
+    m = STEP_DIR.match(Path(path).name)
+    return int(m.group(1)) if m else None
+
+
+def saving_dir(final: PathLike) -> Path:
+    """Where a save of ``final`` (``step-N``) is written before it is published."""
+    final = Path(final)
+    return final.with_name(SAVING_PREFIX + final.name[len("step-") :])
+
+
+def check_export_folder(export_folder: str) -> str:
+    """Refuse an ``[anytime] export_folder`` that is not one plain folder name.
+
+    An export folder equal to the step folder (``"."``) or outside it (``"../x"``, an absolute
+    path) would have its publish delete DCP files or folders the run never created.
+    """
+    name = str(export_folder)
+    reserved = {META_FILE, DCP_METADATA, EXPORT_MARKER}
+    if (
+        not _EXPORT_NAME.match(name)
+        or name in reserved
+        or name.endswith(".distcp")
+        or name.startswith((ABANDONED_PREFIX, "step-"))
+    ):
+        raise RunError(
+            f'[anytime] export_folder = "{name}": expected one folder name inside step-N '
+            '(letters, digits, "_", "-", "."; not ".", "..", a path, an absolute path, or a name '
+            'the checkpoint itself uses), e.g. "x"'
+        )
+    return name
+
+
+def export_dir(step_dir: PathLike, export_folder: str) -> Path:
+    """``step_dir/<export_folder>``, confined to ``step_dir`` (see ``check_export_folder``)."""
+    step_dir = Path(step_dir)
+    dest = step_dir / check_export_folder(export_folder)
+    if dest.resolve().parent != step_dir.resolve():  # a symlinked name pointing elsewhere
+        raise RunError(
+            f'[anytime] export_folder = "{export_folder}": {dest} resolves outside {step_dir}'
+        )
+    return dest
+
+
+# ------------------------------------------------------------------------------------ checks
+def is_complete_checkpoint(path: PathLike) -> bool:
+    """A ``step-N`` folder whose DCP save finished (its ``.metadata`` is written last)."""
+    return (Path(path) / DCP_METADATA).is_file()
+
+
+def complete_steps(folder: PathLike) -> list[int]:
+    """Steps with a finished checkpoint (``step-N`` holding DCP ``.metadata``), ascending."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return []
+    steps = []
+    for child in folder.iterdir():
+        n = step_of(child)
+        if n is not None and is_complete_checkpoint(child):
+            steps.append(n)
+    return sorted(steps)
+
+
+def is_complete_export(path: PathLike) -> bool:
+    """A folder that an export finished writing (its marker is written last)."""
+    p = Path(path)
+    return (p / EXPORT_MARKER).is_file() and any(p.glob("*.safetensors"))
+
+
+def written_by_amuse(path: PathLike) -> bool:
+    """A step folder with ``amuse_meta.json`` or an export folder with ``amuse_export.json``."""
+    p = Path(path)
+    return (p / META_FILE).is_file() or (p / EXPORT_MARKER).is_file()
+
+
+def check_shard_sizes(step_dir: PathLike) -> None:
+    """Raise CheckpointError naming the first DCP file shorter than its ``.metadata`` says.
+
+    A truncated ``.distcp`` otherwise fails inside DCP's reader with an internal tuple.
+    """
+    from torch.distributed.checkpoint import FileSystemReader
+
+    step_dir = Path(step_dir)
+    try:
+        metadata = FileSystemReader(str(step_dir)).read_metadata()
+    except Exception as e:
+        raise CheckpointError(
+            f"checkpoint {step_dir} is corrupt or incomplete: cannot read its DCP "
+            f"{DCP_METADATA} ({type(e).__name__}: {e})"
+        ) from e
+    needed: dict[str, int] = {}
+    for info in (metadata.storage_data or {}).values():
+        rel = getattr(info, "relative_path", None)
+        if rel is None:
+            continue
+        end = int(info.offset) + int(info.length)
+        needed[rel] = max(needed.get(rel, 0), end)
+    for rel, end in sorted(needed.items()):
+        f = step_dir / rel
+        if not f.is_file():
+            raise CheckpointError(f"checkpoint {step_dir} is incomplete: {f} is missing")
+        size = f.stat().st_size
+        if size < end:
+            raise CheckpointError(
+                f"checkpoint {step_dir} is corrupt: {f} is truncated ({size} bytes, "
+                f"{DCP_METADATA} expects at least {end}); resume from another step with "
+                "--checkpoint.load_step"
+            )
+
+
+def check_export_files(export: PathLike) -> None:
+    """Raise ExportError naming the first ``*.safetensors`` file that is truncated or corrupt.
+
+    Reads only each file's header (8-byte length + JSON with every tensor's data offsets) and
+    compares the end of the last tensor with the file size; safetensors' own error names no file.
+    """
+    export = Path(export)
+    files = sorted(export.glob("*.safetensors"))
+    if not files:
+        raise ExportError(f"{export}: no *.safetensors files (not an X export?)")
+    for f in files:
+        size = f.stat().st_size
+        try:
+            with open(f, "rb") as fh:
+                n = int.from_bytes(fh.read(8), "little")
+                if n <= 0 or 8 + n > size:
+                    raise ValueError(f"header of {n} bytes in a file of {size}")
+                header = json.loads(fh.read(n))
+            ends = [int(v["data_offsets"][1]) for k, v in header.items() if k != "__metadata__"]
+        except (OSError, ValueError, KeyError, TypeError, IndexError) as e:
+            raise ExportError(f"{f}: corrupt safetensors file (unreadable header: {e})") from e
+        need = 8 + n + max(ends, default=0)
+        if size < need:
+            raise ExportError(
+                f"{f}: truncated safetensors file ({size} bytes, its header needs {need}); "
+                f"evaluate the checkpoint's DCP state instead: amuse-eval {export.parent} "
+                "--source dcp"
+            )
+
+
+# ------------------------------------------------------------------------------------ records
+@dataclass
+class ExportInfo:
+    """``amuse_export.json``: what an export holds. Written by the trainer, read by eval."""
+
+    step: int
+    weights: str  # "x" (averaged) or "y" (the training weights)
+    optimizer: str
+    model: dict[str, Any] = field(default_factory=dict)
+    beta_y: float | None = None
+    folder: str = "x"
+
+    def write(self, export: PathLike) -> None:
+        text = json.dumps(dataclasses.asdict(self), indent=2, sort_keys=True) + "\n"
+        (Path(export) / EXPORT_MARKER).write_text(text)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> ExportInfo:
+        known = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in data.items() if k in known})
+
+    @classmethod
+    def read(cls, export: PathLike) -> ExportInfo:
+        path = Path(export) / EXPORT_MARKER
+        try:
+            return cls.from_dict(json.loads(path.read_text()))
+        except (OSError, ValueError, TypeError) as e:
+            raise ExportError(f"{path}: unreadable export record ({e})") from e
+
+
+def read_meta(step_dir: PathLike) -> dict[str, Any]:
+    """The checkpoint's ``amuse_meta.json`` ({} for checkpoints written by plain torchtitan)."""
+    path = Path(step_dir) / META_FILE
+    if not path.is_file():
+        return {}
+    try:
+        return json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"checkpoint {step_dir}: unreadable {META_FILE}: {e}") from e
+
+
+def write_meta(step_dir: PathLike, meta: dict[str, Any]) -> None:
+    (Path(step_dir) / META_FILE).write_text(json.dumps(meta, indent=2, default=str) + "\n")
+
+
+# ------------------------------------------------------------------------------------ publish
+def publish(tmp: PathLike, final: PathLike) -> None:
+    """Rename the finished ``tmp`` folder to ``final``, replacing an older one of that name.
+
+    The old one is renamed aside first and deleted only after the new one is in place; a crash
+    between the two renames is undone by ``recover_replaced``.
+    """
+    tmp, final = Path(tmp), Path(final)
+    replaced = final.with_name(REPLACED_PREFIX + final.name)
+    if final.exists():
+        shutil.rmtree(replaced, ignore_errors=True)
+        final.rename(replaced)
+    tmp.rename(final)
+    shutil.rmtree(replaced, ignore_errors=True)
+
+
+def recover_replaced(folder: PathLike) -> None:
+    """Undo a publish that crashed between its two renames (the old folder is kept)."""
+    for old in Path(folder).glob(REPLACED_PREFIX + "*"):
+        final = old.with_name(old.name[len(REPLACED_PREFIX) :])
+        if not final.exists():
+            old.rename(final)
+
+
+# ------------------------------------------------------------------------------------ rollback
+def abandon_later_steps(folder: PathLike, step: int) -> tuple[Path | None, list[int]]:
+    """Move every ``step-M`` (M > ``step``) into ``abandoned-after-<step>-<utc time>/``.
+
+    After a rollback to ``step`` the later checkpoints belong to an abandoned history: a plain
+    restart must not resume from them. They are kept (moved, never deleted), outside the names
+    that resume, retention and amuse-eval look at.
+    """
+    folder = Path(folder)
+    later = [s for s in _all_steps(folder) if s > step]
+    if not later:
+        return None, []
+    stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+    dest = folder / f"{ABANDONED_PREFIX}{step}-{stamp}"
+    n = 0
+    while dest.exists():
+        n += 1
+        dest = folder / f"{ABANDONED_PREFIX}{step}-{stamp}-{n}"
+    dest.mkdir()
+    for s in later:
+        (folder / step_name(s)).rename(dest / step_name(s))
+    return dest, later
+
+
+def _all_steps(folder: Path) -> list[int]:
+    if not folder.is_dir():
+        return []
+    return sorted(n for c in folder.iterdir() if (n := step_of(c)) is not None)
+
+
+# ------------------------------------------------------------------------------------ assets
+def run_tokenizer_dir(dump_folder: PathLike) -> Path:
+    return Path(dump_folder) / RUN_ASSETS / "tokenizer"
+
+
+def copy_run_assets(src: PathLike | None, dump_folder: PathLike) -> Path | None:
+    """Copy the tokenizer files into the run folder once; later calls keep the run's copy.
+
+    Exports read the run's copy, so another run that rebuilds a shared assets folder cannot
+    change what this run's exports ship. Returns the run's copy (None if there is nothing).
+    """
+    dest = run_tokenizer_dir(dump_folder)
+    if any((dest / name).is_file() for name in TOKENIZER_FILES):
+        return dest
+    if src is None or not any((Path(src) / n).is_file() for n in TOKENIZER_FILES):
+        return None
+    tmp = dest.with_name(dest.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    for name in TOKENIZER_FILES:
+        if (Path(src) / name).is_file():
+            shutil.copy2(Path(src) / name, tmp / name)
+    tmp.rename(dest)
+    return dest
+
+
+# ------------------------------------------------------------------------------------ run lock
+class RunLock:
+    """One run per dump folder: an exclusive OS file lock, held by rank 0 while it trains.
+
+    The lock (``filelock``, fcntl on POSIX) is released by the kernel when the holder dies, even
+    by kill -9, so a crashed run never blocks the next one. ``.amuse_run.json`` names the holder
+    (host, pid, start); it is removed on a clean release, so one left behind when the lock is
+    free marks a run that died (a stale record, reported and replaced).
+    """
+
+    def __init__(self, dump_folder: PathLike) -> None:
+        from filelock import FileLock
+
+        self.folder = Path(dump_folder)
+        self.info_path = self.folder / LOCK_INFO
+        self._lock = FileLock(str(self.folder / LOCK_FILE), timeout=0)
+        self.stale: dict[str, Any] | None = None
+
+    def acquire(self) -> None:
+        from filelock import Timeout
+
+        self.folder.mkdir(parents=True, exist_ok=True)
+        try:
+            self._lock.acquire()
+        except Timeout:
+            holder = self._holder()
+            who = (
+                f"host {holder.get('host')}, pid {holder.get('pid')}, started "
+                f"{holder.get('started')}"
+                if holder
+                else "an unknown process"
+            )
+            raise RunLockError(
+                f"[job] dump_folder = {self.folder}: another training run is using this folder "
+                f"({who}). Wait for it to finish or choose another --job.dump_folder; if that "
+                f"process is gone and the lock stays held (a dead host on a shared file system), "
+                f"delete {self.folder / LOCK_FILE}"
+            ) from None
+        self.stale = self._holder() or None
+        record = {
+            "host": socket.gethostname(),
+            "pid": os.getpid(),
+            "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        }
+        tmp = self.info_path.with_name(self.info_path.name + ".tmp")
+        tmp.write_text(json.dumps(record) + "\n")
+        tmp.replace(self.info_path)
+
+    def release(self) -> None:
+        if self._lock.is_locked:
+            self.info_path.unlink(missing_ok=True)
+            self._lock.release()
+
+    def _holder(self) -> dict[str, Any]:
+        try:
+            return json.loads(self.info_path.read_text())
+        except (OSError, ValueError):
+            return {}
