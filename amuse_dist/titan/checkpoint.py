@@ -88,6 +88,70 @@ def complete_steps(folder: str | os.PathLike[str]) -> list[int]:
     return sorted(steps)
 
 
+def export_dirs(step_dir: Path) -> list[Path]:
+    """The complete export folders (``x``, ``y``) inside a ``step-N`` folder."""
+    if not step_dir.is_dir():
+        return []
+    return [
+        c for c in sorted(step_dir.iterdir()) if c.is_dir() and (c / "amuse_export.json").is_file()
+    ]
+
+
+def exported_steps(folder: str | os.PathLike[str]) -> list[int]:
+    """Steps whose ``step-N`` folder holds a complete export (checkpoint kept or purged)."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return []
+    steps = []
+    for child in folder.iterdir():
+        m = STEP_DIR.match(child.name)
+        if m and export_dirs(child):
+            steps.append(int(m.group(1)))
+    return sorted(steps)
+
+
+def purge_plan(
+    folder: Path, keep_latest_k: int, keep_exports: int
+) -> tuple[list[Path], list[Path]]:
+    """(step folders to strip to their exports, step folders to delete whole).
+
+    Checkpoints beyond the newest ``keep_latest_k`` are purged. ``keep_exports`` = 0 keeps the
+    export of every purged checkpoint; k > 0 keeps the newest k exports of the run (live
+    checkpoints' included) and deletes older step folders whole, export-only ones too.
+    """
+    ckpts = complete_steps(folder)
+    stale = ckpts[:-keep_latest_k] if keep_latest_k > 0 else []
+    live = set(ckpts) - set(stale)
+    exported = exported_steps(folder)
+    kept = set(exported) if keep_exports <= 0 else set(exported[-keep_exports:])
+    strip, delete = [], []
+    for step in sorted(set(stale) | (set(exported) - live)):
+        step_dir = folder / f"step-{step}"
+        if step in kept:
+            if step in stale:
+                strip.append(step_dir)
+        else:
+            delete.append(step_dir)
+    return strip, delete
+
+
+def strip_to_exports(step_dir: Path) -> None:
+    """Delete a checkpoint's DCP state but keep its exports and ``amuse_meta.json``.
+
+    ``.metadata`` goes first, so an interrupted strip never leaves a folder that looks like a
+    loadable checkpoint.
+    """
+    (step_dir / ".metadata").unlink(missing_ok=True)
+    keep = {p.name for p in export_dirs(step_dir)} | {META_FILE}
+    for child in step_dir.iterdir():
+        if child.name in keep:
+            continue
+        if child.is_dir():
+            shutil.rmtree(child, ignore_errors=True)
+        else:
+            child.unlink(missing_ok=True)
+
+
 class AnytimeCheckpointManager(CheckpointManager):
     """torchtitan's CheckpointManager with atomic saves, X export and checked loads."""
 
@@ -96,10 +160,12 @@ class AnytimeCheckpointManager(CheckpointManager):
         *args: Any,
         export_fn: Callable[[Path, int], dict[str, Any] | None] | None = None,
         meta: dict[str, Any] | None = None,
+        keep_exports: int = 0,
         **kwargs: Any,
     ) -> None:
         super().__init__(*args, **kwargs)
         self.export_fn = export_fn
+        self.keep_exports = keep_exports
         self.meta = dict(meta or {})
         self.last_saved_step = -1
         if self.enable and self.async_mode != AsyncMode.DISABLED:
@@ -147,13 +213,17 @@ class AnytimeCheckpointManager(CheckpointManager):
         self._purge_stale_checkpoints()
 
     def _purge_stale_checkpoints(self) -> None:
-        """Keep the newest ``keep_latest_k`` complete checkpoints; never touch anything else."""
+        """Keep the newest ``keep_latest_k`` complete checkpoints; purged ones keep their
+        exports as ``[anytime] keep_exports`` says. Never touches anything else."""
         if self.keep_latest_k <= 0 or _rank() != 0:
             return
-        steps = complete_steps(self.folder)
-        for step in steps[: -self.keep_latest_k]:
+        strip, delete = purge_plan(Path(self.folder), self.keep_latest_k, self.keep_exports)
+        for step_dir in strip:
+            logger.info(f"Checkpointer keeps the exports of {step_dir}, deletes its DCP state")
+            strip_to_exports(step_dir)
+        for step_dir in delete:
             assert self.purge_thread is not None
-            self.purge_queue.put(self._create_checkpoint_id(step))
+            self.purge_queue.put(str(step_dir))
 
     # ----------------------------------------------------------------------------- load
     def load(self, step: int = -1) -> bool:
