@@ -116,14 +116,14 @@ def hf_llama_config(
 
 
 def hf_generation_config(config: Any) -> Any:
-    """Greedy decoding within the trained context, with the model's special tokens."""
+    """Greedy decoding with the model's special tokens (no max_length: transformers warns when a
+    caller's max_new_tokens meets one; the context limit is max_position_embeddings)."""
     from transformers import GenerationConfig
 
     return GenerationConfig(
         bos_token_id=config.bos_token_id,
         eos_token_id=config.eos_token_id,
         pad_token_id=config.pad_token_id,
-        max_length=config.max_position_embeddings,
         do_sample=False,
     )
 
