@@ -24,6 +24,7 @@ from torchtitan.tools import utils
 from torchtitan.tools.logging import logger
 from tqdm import tqdm
 
+from amuse_dist.optim.protocols import averaging
 from amuse_dist.titan.global_batches import resolve_global_batch_size
 
 
@@ -63,8 +64,6 @@ def progress_text(
         head += " " + tqdm.format_meter(step, total, elapsed, bar_format="|{bar:20}|")
     tail = f"tokens {format_count(tokens)}  elapsed {tqdm.format_interval(elapsed)}  eta {eta}"
     return head, tail
-
-from amuse_dist.optim.protocols import averaging
 
 
 class AmuseMetricsProcessor(MetricsProcessor):
