@@ -235,13 +235,15 @@ def _absolute_paths(config: dict[str, Any]) -> dict[str, Any]:
 
 
 def _hyperparameters(cfg: Any) -> dict[str, Any]:
-    """The optimizer's settings as the run used them (for the model card)."""
+    """The optimizer's settings as the run used them (for the model card): ``[optimizer] lr``
+    and the optimizer's own TOML section, or torchtitan's ``[optimizer]`` keys (AdamW)."""
+    from amuse_dist.optim import registry
+
     opt = cfg.optimizer
+    spec = registry.find(opt.name)
     out: dict[str, Any] = {"lr": opt.lr}
-    if opt.name == "AMUSE":
-        out.update(dataclasses.asdict(cfg.amuse))
-    elif opt.name == "Muon":
-        out.update({"weight_decay": opt.weight_decay, **dataclasses.asdict(cfg.muon)})
+    if spec is not None and spec.section is not None and hasattr(cfg, spec.section):
+        out.update(dataclasses.asdict(getattr(cfg, spec.section)))
     else:
         out.update(
             {
@@ -251,8 +253,6 @@ def _hyperparameters(cfg: Any) -> dict[str, Any]:
                 "weight_decay": opt.weight_decay,
             }
         )
-        if opt.name == "ScheduleFreeAdamW":
-            out["warmup_steps"] = cfg.amuse.warmup_steps
     out["training.steps"] = cfg.training.steps
     out["training.seq_len"] = cfg.training.seq_len
     out["training.max_norm"] = cfg.training.max_norm
