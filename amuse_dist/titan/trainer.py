@@ -39,8 +39,11 @@ class AmuseTrainer(Trainer):
         self._log_handler = start_run_log(job_config.job.dump_folder) if record_run else None
         super().__init__(job_config)
         if record_run and dist.get_rank() == 0:
-            path = write_resolved_config(job_config, Path(job_config.job.dump_folder))
-            logger.info(f"resolved config saved to {path}; the log goes to train.log beside it")
+            try:
+                path = write_resolved_config(job_config, Path(job_config.job.dump_folder))
+                logger.info(f"resolved config saved to {path}; the log goes to train.log beside it")
+            except (OSError, TypeError, ValueError) as e:  # a record, never a reason to stop
+                logger.warning(f"could not write the resolved config.toml: {e}")
         self._replace_checkpointer()
         if getattr(self, "validator", None) is not None:
             self.validator.optimizers = self.optimizers
