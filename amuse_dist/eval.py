@@ -3,6 +3,8 @@
     python -m amuse_dist.eval RUN_DIR | CHECKPOINT_DIR | STEP_DIR | X_EXPORT_DIR [options]
     torchrun --nproc_per_node N -m amuse_dist.eval ...
 
+    amuse-eval X_EXPORT_DIR --lm-eval TASKS [--lm-eval-include DIR] [--lm-eval-limit N]
+
 A run folder (or its ``checkpoint/``) is evaluated step by step in order. A ``step-N`` folder is a
 DCP checkpoint: the model (Y) and optimizer state are loaded and X = z + (y - z)/beta_y computed
 from them. An export folder (``step-N/x``) is loaded from its safetensors. The model, tokenizer and
@@ -12,6 +14,10 @@ measured on the same fixed batches the run validated on. Prints a table and writ
 Checkpoints must be trusted: torch's DCP ``.metadata`` is a pickle, so loading a checkpoint can
 run code its author put there. amuse-eval refuses step folders that amuse_dist did not write (no
 ``amuse_meta.json``) unless ``--trust`` is given; only evaluate folders from people you trust.
+
+With ``--lm-eval`` the exports (X, or an export folder given directly) are evaluated instead by
+lm-evaluation-harness (``pip install amuse_dist[lm_eval]``) through its Hugging Face model class
+``HFLM``, one process, on the tasks named (its own, or YAML tasks under ``--lm-eval-include``).
 """
 
 from __future__ import annotations
@@ -64,6 +70,24 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="load step folders without amuse_meta.json (not written by amuse_dist); their "
         "pickled DCP .metadata can run code: only for checkpoints you trust",
     )
+
+    lm = p.add_argument_group("lm-evaluation-harness (optional extra: amuse_dist[lm_eval])")
+    lm.add_argument(
+        "--lm-eval",
+        metavar="TASKS",
+        default=None,
+        help="comma-separated lm-eval task names: evaluate the exports with lm-eval's HFLM",
+    )
+    lm.add_argument("--lm-eval-include", metavar="DIR", default=None, help="extra task YAMLs")
+    lm.add_argument("--lm-eval-limit", type=float, default=None, help="documents per task")
+    lm.add_argument("--lm-eval-batch-size", type=int, default=8, help="HFLM batch size")
+    lm.add_argument(
+        "--lm-eval-bootstrap",
+        type=int,
+        default=100,
+        help="bootstrap iterations for stderr (0: none)",
+    )
+    lm.add_argument("--device", default=None, help="HFLM device (default: cuda if available)")
     args = p.parse_args(argv)
     if args.steps is not None and args.steps < 1:
         p.error(f"--steps must be >= 1, got {args.steps}")
@@ -75,7 +99,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 # ------------------------------------------------------------------------------------ targets
 def find_targets(path: Path, source: str) -> list[tuple[int, str, Path]]:
     """(step, "dcp" | "export", folder) to evaluate, in step order."""
-    from amuse_dist.titan.run_format import STEP_DIR, complete_steps, is_complete_export
+    from amuse_dist.titan.run_format import (
+        STEP_DIR,
+        complete_steps,
+        exported_steps,
+        is_complete_export,
+    )
 
     if not path.exists():
         raise FileNotFoundError(f"{path}: no such file or folder")
@@ -89,12 +118,16 @@ def find_targets(path: Path, source: str) -> list[tuple[int, str, Path]]:
         return [(int(STEP_DIR.match(path.name).group(1)), *_pick(path, source))]
     folder = path / "checkpoint" if (path / "checkpoint").is_dir() else path
     steps = complete_steps(folder)
-    if not steps:
+    # purged checkpoints whose exports were kept ([anytime] keep_exports)
+    export_only = [] if source == "dcp" else sorted(set(exported_steps(folder)) - set(steps))
+    if not steps and not export_only:
         raise FileNotFoundError(
             f"{path}: no checkpoint found (expected step-N folders with DCP .metadata, an X "
             "export with amuse_export.json, or a run folder holding checkpoint/)"
         )
-    return [(s, *_pick(folder / f"step-{s}", source)) for s in steps]
+    targets = [(s, *_pick(folder / f"step-{s}", source)) for s in steps]
+    targets += [(s, *_pick(folder / f"step-{s}", "export")) for s in export_only]
+    return sorted(targets, key=lambda t: t[0])
 
 
 def check_trusted(targets: list[tuple[int, str, Path]], trust: bool) -> None:
@@ -208,6 +241,91 @@ def _assign(obj: Any, values: dict[str, Any]) -> None:
             _assign(current, value)
         else:
             setattr(obj, key, value)
+
+
+# ------------------------------------------------------------------------------------ lm-eval
+def lm_eval_export(
+    export: Path,
+    tasks: list[str],
+    include: str | None = None,
+    limit: float | None = None,
+    batch_size: int = 8,
+    device: str | None = None,
+    bootstrap_iters: int = 100,
+) -> dict[str, dict[str, Any]]:
+    """lm-evaluation-harness on one export folder: {task: {metric: value}}.
+
+    The folder is a complete Hugging Face model (config, tokenizer adding BOS as in training,
+    ``max_position_embeddings`` = trained context), so lm-eval's own ``HFLM`` loads it as is.
+    """
+    try:
+        from lm_eval import simple_evaluate
+        from lm_eval.models.huggingface import HFLM
+        from lm_eval.tasks import TaskManager
+    except ImportError as e:
+        raise ImportError(
+            "--lm-eval needs lm-evaluation-harness: pip install 'amuse_dist[lm_eval]'"
+        ) from e
+    import torch
+
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    lm = HFLM(pretrained=str(export), batch_size=batch_size, device=device, dtype="float32")
+    manager = TaskManager(include_path=include) if include else TaskManager()
+    out = simple_evaluate(
+        model=lm,
+        tasks=tasks,
+        task_manager=manager,
+        limit=limit,
+        log_samples=False,
+        bootstrap_iters=bootstrap_iters,
+    )
+    results: dict[str, dict[str, Any]] = {}
+    for task, metrics in (out or {}).get("results", {}).items():
+        results[task] = {
+            k: v for k, v in metrics.items() if isinstance(v, (int, float)) and k != "alias"
+        }
+    return results
+
+
+def export_folders(targets: list[tuple[int, str, Path]]) -> list[tuple[int, Path]]:
+    """The export folder of each target (a checkpoint's X export)."""
+    from amuse_dist.titan.run_format import is_complete_export, read_meta
+
+    out = []
+    for step, kind, path in targets:
+        if kind == "dcp":
+            path = path / (read_meta(path).get("export") or {}).get("folder", "x")
+            if not is_complete_export(path):
+                raise FileNotFoundError(f"{path}: no complete X export for lm-eval")
+        out.append((step, path))
+    return out
+
+
+def run_lm_eval(targets: list[tuple[int, str, Path]], args: argparse.Namespace) -> list[dict]:
+    tasks = [t.strip() for t in args.lm_eval.split(",") if t.strip()]
+    rows = []
+    for step, export in export_folders(targets):
+        results = lm_eval_export(
+            export,
+            tasks,
+            include=args.lm_eval_include,
+            limit=args.lm_eval_limit,
+            batch_size=args.lm_eval_batch_size,
+            device=args.device,
+            bootstrap_iters=args.lm_eval_bootstrap,
+        )
+        for task, metrics in results.items():
+            for metric, value in sorted(metrics.items()):
+                rows.append(
+                    {
+                        "step": step,
+                        "task": task,
+                        "metric": metric,
+                        "value": value,
+                        "path": str(export),
+                    }
+                )
+    return rows
 
 
 # ------------------------------------------------------------------------------------ evaluation
@@ -373,10 +491,16 @@ def main(argv: list[str] | None = None) -> None:
     except (FileNotFoundError, RunError) as e:
         print(f"amuse-eval: {e}", file=sys.stderr)
         raise SystemExit(2) from None
+    if args.lm_eval:
+        main_lm_eval(targets, args, path)
+        return
 
     from torchtitan.tools.logging import init_logger
 
+    from amuse_dist.titan import cpu
+
     init_logger()
+    cpu.quiet_known_noise()
     launch.single_process_env()
     try:
         rows = evaluate_targets(targets, args, config)
@@ -393,6 +517,28 @@ def main(argv: list[str] | None = None) -> None:
         print(format_table(rows))
         print(f"wrote {csv_path} and {json_path}")
     launch.leave_process_group()
+
+
+def main_lm_eval(
+    targets: list[tuple[int, str, Path]], args: argparse.Namespace, path: Path
+) -> None:
+    """``--lm-eval``: one process, no process group; prints and writes OUT_lm_eval.{csv,json}."""
+    try:
+        rows = run_lm_eval(targets, args)
+    except (ImportError, FileNotFoundError) as e:
+        print(f"amuse-eval: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
+    out = Path(args.out) if args.out else _default_out(path)
+    out = out.with_name(out.name + "_lm_eval")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with open(out.with_suffix(".csv"), "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=("step", "task", "metric", "value", "path"))
+        writer.writeheader()
+        writer.writerows(rows)
+    out.with_suffix(".json").write_text(json.dumps(rows, indent=2) + "\n")
+    for r in rows:
+        print(f"{r['step']:>8}  {r['task']:>20}  {r['metric']:>20}  {r['value']:.6g}")
+    print(f"wrote {out.with_suffix('.csv')} and {out.with_suffix('.json')}")
 
 
 def _default_out(path: Path) -> Path:

@@ -11,6 +11,18 @@ import sys
 from amuse_dist.titan import launch
 
 
+def _warn_missing_tokenizer(config: object, logger: object) -> None:
+    """torchtitan's own warning is silenced (it fires for the local corpus, whose tokenizer is
+    built later); say it only where nothing will build the folder."""
+    from amuse_dist.titan.config import LOCAL_DATASETS
+
+    path = config.model.hf_assets_path  # type: ignore[attr-defined]
+    if config.training.dataset not in LOCAL_DATASETS and path and not os.path.exists(path):  # type: ignore[attr-defined]
+        logger.warning(  # type: ignore[attr-defined]
+            f"[model] hf_assets_path = {path!r} does not exist: the tokenizer is read from there"
+        )
+
+
 def main(argv: list[str] | None = None) -> None:
     args = list(sys.argv[1:] if argv is None else argv)
 
@@ -18,10 +30,11 @@ def main(argv: list[str] | None = None) -> None:
 
     from torchtitan.tools.logging import init_logger, logger
 
-    from amuse_dist.titan import train_spec
+    from amuse_dist.titan import cpu, train_spec
     from amuse_dist.titan.config import ConfigError, load_job_config
 
     init_logger()
+    cpu.quiet_known_noise()
     train_spec.register()
     try:
         config = load_job_config(args)
@@ -29,6 +42,7 @@ def main(argv: list[str] | None = None) -> None:
         print(f"amuse-train: {e}", file=sys.stderr)
         raise SystemExit(2) from None
 
+    _warn_missing_tokenizer(config, logger)
     launch.offline_hub_defaults(launch.job_datasets(config))
     launch.single_process_env()
     from amuse_dist.titan.run_format import RunError

@@ -14,11 +14,11 @@ mkdir -p "$RUN_DIR"
 start=$(date +%s)
 set +e  # keep the trainer's exit status, whatever grep finds
 NPROC=2 bash launch/run_local.sh --job.config_file train_configs/debug_cpu.toml \
-  --job.dump_folder "$RUN_DIR" "$@" 2>&1 | tee "$RUN_DIR/train.log" | grep --line-buffered -E \
-  "step: +[0-9]+ +loss|validate step|Saving checkpoint|preempted|Error|error"
+  --job.dump_folder "$RUN_DIR" "$@" 2>&1 | tee "$RUN_DIR/console.log" | grep --line-buffered -E \
+  "step +[0-9]+/[0-9]+ .*loss|validate step|Saving checkpoint|preempted|Error|error"
 status=${PIPESTATUS[0]}
 set -e
-[ "$status" -eq 0 ] || { echo "training failed (exit $status), log: $RUN_DIR/train.log"; exit "$status"; }
+[ "$status" -eq 0 ] || { echo "training failed (exit $status), log: $RUN_DIR/console.log"; exit "$status"; }
 echo "== training took $(( $(date +%s) - start )) s; checkpoints:"
 ls "$RUN_DIR/checkpoint"
 
@@ -26,8 +26,9 @@ echo "== evaluating X of every checkpoint (amuse-eval)"
 python -m amuse_dist.eval "$RUN_DIR" --steps 5 --no-progress 2>&1 | grep -v "^\[titan\]" \
   | grep -E "^ +(step|[0-9]+) |^wrote" || true
 
-first=$(grep -m1 -oE "step: +1 +loss: +[0-9.]+" "$RUN_DIR/train.log" | awk '{print $NF}')
-last=$(grep -v "validate" "$RUN_DIR/train.log" | grep -oE "step: +[0-9]+ +loss: +[0-9.]+" | tail -1 | awk '{print $NF}')
+# train.log: rank 0's log, written by the trainer (console.log also has torchrun's own output)
+first=$(grep -m1 -oE "step +1/[0-9]+ +loss +[0-9.]+" "$RUN_DIR/train.log" | awk '{print $NF}')
+last=$(grep -oE "step +[0-9]+/[0-9]+ +loss +[0-9.]+" "$RUN_DIR/train.log" | tail -1 | awk '{print $NF}')
 echo "== done: training loss $first -> $last"
 echo "   TensorBoard: tensorboard --logdir $RUN_DIR/tb"
 echo "   X weights (Hugging Face Llama): $RUN_DIR/checkpoint/step-*/x"

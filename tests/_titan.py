@@ -9,7 +9,8 @@ from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
 DEBUG_TOML = REPO / "train_configs" / "debug_cpu.toml"
-STEP_RE = re.compile(r"step:\s+(\d+)\s+loss:\s+([-+0-9.naife]+)")
+# "step  4/20  loss  7.12345" (a tqdm bar may follow the step on a terminal)
+STEP_RE = re.compile(r"step:?\s+(\d+)(?:/\d+)?\s+(?:\|[^|]*\|\s+)?loss:?\s+([-+0-9.naife]+)")
 
 
 def env(tmp: Path) -> dict[str, str]:

@@ -23,6 +23,7 @@ import torch
 from tests._titan import (
     DEBUG_TOML,
     REPO,
+    STEP_RE,
     env,
     losses,
     run_args,
@@ -212,7 +213,8 @@ def test_sigterm_saves_a_resumable_checkpoint(tmp_path: Path, assets: Path) -> N
     deadline = time.monotonic() + 240
     for line in proc.stdout:
         seen.append(line)
-        if "step:  4  loss" in line or time.monotonic() > deadline:
+        m = STEP_RE.search(line)
+        if (m and int(m.group(1)) >= 4) or time.monotonic() > deadline:
             break
     os.killpg(proc.pid, signal.SIGTERM)  # SLURM signals every process of the job
     rest, _ = proc.communicate(timeout=120)

@@ -38,9 +38,11 @@ from amuse_dist.titan.run_format import (
     check_shard_sizes,
     complete_steps,
     publish,
+    purge_plan,
     read_meta,
     recover_replaced,
     saving_dir,
+    strip_to_exports,
     write_meta,
 )
 
@@ -91,10 +93,12 @@ class AnytimeCheckpointManager(CheckpointManager):
         state_finite: Callable[[], bool] | None = None,
         trust: bool = False,
         resume_override: list[str] | tuple[str, ...] = (),
+        keep_exports: int = 0,
         **kwargs: Any,
     ) -> None:
         super().__init__(*args, **kwargs)
         self.export_fn = export_fn
+        self.keep_exports = keep_exports
         self.meta = dict(meta or {})
         self.state_finite = state_finite
         self.trust = trust
@@ -156,13 +160,17 @@ class AnytimeCheckpointManager(CheckpointManager):
         self._purge_stale_checkpoints()
 
     def _purge_stale_checkpoints(self) -> None:
-        """Keep the newest ``keep_latest_k`` complete checkpoints; never touch anything else."""
+        """Keep the newest ``keep_latest_k`` complete checkpoints; purged ones keep their
+        exports as ``[anytime] keep_exports`` says. Never touches anything else."""
         if self.keep_latest_k <= 0 or _rank() != 0:
             return
-        steps = complete_steps(self.folder)
-        for step in steps[: -self.keep_latest_k]:
+        strip, delete = purge_plan(Path(self.folder), self.keep_latest_k, self.keep_exports)
+        for step_dir in strip:
+            logger.info(f"Checkpointer keeps the exports of {step_dir}, deletes its DCP state")
+            strip_to_exports(step_dir)
+        for step_dir in delete:
             assert self.purge_thread is not None
-            self.purge_queue.put(self._create_checkpoint_id(step))
+            self.purge_queue.put(str(step_dir))
 
     # ----------------------------------------------------------------------------- load
     @property

@@ -46,6 +46,14 @@ class Anytime:
     ``step-N/<export_folder>`` at every checkpoint."""
     export_folder: str = "x"
     """Name of the export folder inside each ``step-N`` checkpoint folder."""
+    export_y: bool = False
+    """Also export the training weights Y into ``step-N/y`` (AMUSE, ScheduleFreeAdamW)."""
+    keep_exports: int = 0
+    """Exports kept when ``[checkpoint] keep_latest_k`` purges old checkpoints: 0 keeps every
+    export (the purged ``step-N`` keeps its export folders and ``amuse_meta.json``); k > 0 keeps
+    the newest k exports and deletes older purged checkpoints whole."""
+    max_position_embeddings: int = 0
+    """config.json's ``max_position_embeddings`` in exports; 0: the trained ``training.seq_len``."""
     validate_x: bool = True
     """Validate at the averaged weights X (AMUSE, ScheduleFreeAdamW): tag validation_x/loss."""
     validate_y: bool = True
@@ -264,6 +272,8 @@ _RANGES: dict[tuple[str, str], tuple[Any, str]] = {
     ("checkpoint", "interval"): _int_at_least(1),
     ("checkpoint", "keep_latest_k"): (lambda v: v >= 0, "an int >= 0 (0 keeps every checkpoint)"),
     ("anytime", "nonfinite_skips"): _int_at_least(0),
+    ("anytime", "keep_exports"): _int_at_least(0),
+    ("anytime", "max_position_embeddings"): _int_at_least(0),
 }
 
 

@@ -8,7 +8,9 @@ train spec (``parallelize`` and ``AmuseTransformer.init_weights``) when ``on_cpu
 
 from __future__ import annotations
 
+import logging
 import os
+import re
 import sys
 from typing import Any
 
@@ -121,3 +123,59 @@ def force_sum_reduction(model: torch.nn.Module) -> None:
     for m in model.modules():
         if isinstance(m, FSDPModule):
             m.set_force_sum_reduction_for_comms(True)
+
+
+# torchtitan/torch messages that are expected and say nothing actionable: (regex, CPU only?)
+_NOISY_LOGS = (
+    # the local corpus builds the tokenizer folder after the config is parsed; train.py warns
+    # itself when a non-local dataset's tokenizer folder is missing
+    (r"HF assets path .* does not exist", False),
+    # torchtitan's HF checkpoint writer: amuse_dist exports through its own writer (export.py)
+    (r"model\.safetensors\.index\.json not found at hf_assets_path", False),
+    (r"ENV\[TORCH_NCCL_ASYNC_ERROR_HANDLING\]", True),  # NCCL setting, no NCCL on CPU
+    (r"Error running lspci", True),  # GPU detection
+    (r"Peak flops undefined for: cpu", True),  # MFU assumes a GPU; explained once instead
+)
+_NOISY_WARNINGS = (
+    # DTensor has no RNG tracker on CPU meshes: amuse_dist initialises the full model from one
+    # seed and loads each rank's shard (train_spec.AmuseTransformer.init_weights)
+    (r"DTensor random operators may not have complete support on cpu", True),
+    (r"DTensor manual_seed\(\) may not have complete support on cpu", True),
+    # the same init casts a throwaway model (with its complex RoPE table) to the param dtype;
+    # init_weights rebuilds that table right after, and it is not part of the state dict
+    (r"Casting complex values to real discards the imaginary part", True),
+    (r"Set timeout is now only supported for either nccl or gloo", True),
+    (r"'set_vital' is deprecated", False),  # torchdata calls a deprecated torch API
+)
+CPU_NOTE = (
+    "CPU run (gloo): the tflops/mfu figures assume an A100 peak and mean nothing here; "
+    "expected CPU-mesh warnings are silenced (see docs/usage.md, 'Warnings')"
+)
+
+
+class _DropNoise(logging.Filter):
+    def __init__(self, patterns: list[str]) -> None:
+        super().__init__()
+        self.pattern = re.compile("|".join(patterns))
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not self.pattern.search(record.getMessage())
+
+
+def quiet_known_noise() -> None:
+    """Silence the warnings and log lines listed above (once per process, idempotent).
+
+    On CPU, one info line explains what was silenced and that MFU is meaningless.
+    """
+    import warnings
+
+    cpu = on_cpu()
+    root = logging.getLogger()
+    if any(isinstance(f, _DropNoise) for f in root.filters):
+        return
+    root.addFilter(_DropNoise([p for p, cpu_only in _NOISY_LOGS if cpu or not cpu_only]))
+    for pattern, cpu_only in _NOISY_WARNINGS:
+        if cpu or not cpu_only:
+            warnings.filterwarnings("ignore", message=pattern)
+    if cpu and int(os.environ.get("RANK", "0")) == 0:
+        root.info(CPU_NOTE)

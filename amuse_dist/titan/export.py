@@ -1,4 +1,9 @@
-"""Export weights (X for AMUSE) as a Hugging Face Llama folder: safetensors, config.json, tokenizer.
+"""Export weights (X for AMUSE) as a complete Hugging Face Llama folder.
+
+The folder loads with ``AutoModelForCausalLM`` / ``AutoTokenizer`` and nothing else: safetensors,
+config.json (transformers' ``LlamaConfig``: special token ids, the trained context as
+``max_position_embeddings``, llama3 RoPE, tied embeddings), generation_config.json, the training
+tokenizer (adding BOS as training did) and a README.md model card.
 
 Written by every rank through DCP's ``HuggingFaceStorageWriter`` (each rank writes its own shards,
 then they are consolidated), into ``<dest>.tmp`` first; the folder appears under its final name only
@@ -8,6 +13,7 @@ when complete (``amuse_export.json`` inside is written last). A crash mid-export
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -40,40 +46,245 @@ def _barrier() -> None:
         dist.barrier()
 
 
-def hf_llama_config(model_args: Any, state_dict: dict[str, torch.Tensor]) -> dict[str, Any]:
-    """config.json for ``transformers.LlamaForCausalLM`` matching a torchtitan llama3 model."""
-    n_heads = model_args.n_heads
-    n_kv = model_args.n_kv_heads or n_heads
-    rope = model_args.rope_scaling_args
+def llama3_rope_parameters(rope: Any, theta: float, max_position_embeddings: int) -> dict[str, Any]:
+    """torchtitan's llama3 RoPE scaling as transformers' ``rope_parameters``.
+
+    transformers warns on every load when ``original_max_position_embeddings`` is not below
+    ``max_position_embeddings``, which is the case for a model trained at a short context with
+    Llama 3's 8192. The llama3 frequencies depend on (original, low_freq_factor,
+    high_freq_factor) only through original/low, original/high and original/wavelen - low, so
+    halving all three leaves every frequency unchanged, bit for bit (powers of two are exact).
+    We halve until the original context is below ``max_position_embeddings``.
+    """
+    original = int(rope.original_max_position_embeddings)
+    low, high = float(rope.low_freq_factor), float(rope.high_freq_factor)
+    while original >= max_position_embeddings and original % 2 == 0 and original > 1:
+        original, low, high = original // 2, low / 2, high / 2
     return {
-        "architectures": ["LlamaForCausalLM"],
-        "model_type": "llama",
-        "hidden_size": model_args.dim,
-        "intermediate_size": int(state_dict["layers.0.feed_forward.w1.weight"].shape[0]),
-        "num_hidden_layers": model_args.n_layers,
-        "num_attention_heads": n_heads,
-        "num_key_value_heads": n_kv,
-        "head_dim": model_args.dim // n_heads,
-        "hidden_act": "silu",
-        "rms_norm_eps": model_args.norm_eps,
-        "rope_theta": model_args.rope_theta,
-        "rope_scaling": {
-            "rope_type": "llama3",
-            "factor": rope.scaling_factor,
-            "low_freq_factor": rope.low_freq_factor,
-            "high_freq_factor": rope.high_freq_factor,
-            "original_max_position_embeddings": rope.original_max_position_embeddings,
-        },
-        # transformers expects at least the RoPE scaling's original context
-        "max_position_embeddings": max(
-            model_args.max_seq_len, rope.original_max_position_embeddings
-        ),
-        "vocab_size": model_args.vocab_size,
-        "tie_word_embeddings": False,
-        "attention_bias": False,
-        "mlp_bias": False,
-        "torch_dtype": "float32",
+        "rope_type": "llama3",
+        "rope_theta": float(theta),
+        "factor": float(rope.scaling_factor),
+        "low_freq_factor": low,
+        "high_freq_factor": high,
+        "original_max_position_embeddings": original,
     }
+
+
+def is_tied(model_args: Any, state_dict: dict[str, torch.Tensor]) -> bool:
+    """True when the output head shares the token embedding (no separate ``output.weight``)."""
+    if getattr(model_args, "tie_word_embeddings", False):
+        return True
+    return "output.weight" not in state_dict and "tok_embeddings.weight" in state_dict
+
+
+def hf_llama_config(
+    model_args: Any,
+    state_dict: dict[str, torch.Tensor],
+    *,
+    max_position_embeddings: int | None = None,
+    token_ids: dict[str, int | None] | None = None,
+) -> Any:
+    """transformers' ``LlamaConfig`` for a torchtitan llama3 model.
+
+    ``max_position_embeddings`` defaults to the context the model was trained at
+    (``model_args.max_seq_len``, i.e. ``training.seq_len``): tools such as lm-evaluation-harness
+    take it as the longest input to feed the model.
+    """
+    from transformers import LlamaConfig
+
+    n_heads = model_args.n_heads
+    max_pos = int(max_position_embeddings or model_args.max_seq_len)
+    ids = token_ids or {}
+    rope = model_args.rope_scaling_args
+    if rope is not None:
+        rope_parameters = llama3_rope_parameters(rope, model_args.rope_theta, max_pos)
+    else:
+        rope_parameters = {"rope_type": "default", "rope_theta": float(model_args.rope_theta)}
+    config = LlamaConfig(
+        vocab_size=model_args.vocab_size,
+        hidden_size=model_args.dim,
+        intermediate_size=int(state_dict["layers.0.feed_forward.w1.weight"].shape[0]),
+        num_hidden_layers=model_args.n_layers,
+        num_attention_heads=n_heads,
+        num_key_value_heads=model_args.n_kv_heads or n_heads,
+        head_dim=model_args.dim // n_heads,
+        hidden_act="silu",
+        max_position_embeddings=max_pos,
+        rms_norm_eps=model_args.norm_eps,
+        rope_parameters=rope_parameters,
+        attention_bias=False,
+        mlp_bias=False,
+        tie_word_embeddings=is_tied(model_args, state_dict),
+        bos_token_id=ids.get("bos"),
+        eos_token_id=ids.get("eos"),
+        pad_token_id=ids.get("pad"),
+        dtype="float32",
+    )
+    config.architectures = ["LlamaForCausalLM"]
+    return config
+
+
+def hf_generation_config(config: Any) -> Any:
+    """Greedy decoding with the model's special tokens (no max_length: transformers warns when a
+    caller's max_new_tokens meets one; the context limit is max_position_embeddings)."""
+    from transformers import GenerationConfig
+
+    return GenerationConfig(
+        bos_token_id=config.bos_token_id,
+        eos_token_id=config.eos_token_id,
+        pad_token_id=config.pad_token_id,
+        do_sample=False,
+    )
+
+
+def special_token_ids(tokenizer_dir: str | os.PathLike[str] | None) -> dict[str, int | None]:
+    """{"bos", "eos", "pad"} ids from a tokenizer folder (pad falls back to eos)."""
+    ids: dict[str, int | None] = {"bos": None, "eos": None, "pad": None}
+    folder = Path(tokenizer_dir) if tokenizer_dir is not None else None
+    if folder is None or not (folder / "tokenizer.json").is_file():
+        return ids
+    from tokenizers import Tokenizer
+
+    tok = Tokenizer.from_file(str(folder / "tokenizer.json"))
+    config = _read_json(folder / "tokenizer_config.json")
+    for key in ("bos", "eos", "pad"):
+        name = _token_name(config.get(f"{key}_token"))
+        if name is not None:
+            ids[key] = tok.token_to_id(name)
+    if ids["pad"] is None:
+        ids["pad"] = ids["eos"]
+    return ids
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def _token_name(value: Any) -> str | None:
+    """A special token as tokenizer_config.json spells it: a string or {"content": ...}."""
+    if isinstance(value, dict):
+        return value.get("content")
+    return value if isinstance(value, str) else None
+
+
+def export_tokenizer(
+    src: str | os.PathLike[str], dst: Path, model_max_length: int
+) -> dict[str, int | None]:
+    """Copy the training tokenizer into ``dst`` so that ``AutoTokenizer`` tokenizes as training.
+
+    torchtitan's text datasets always start a document with BOS (and end it with EOS). A Hugging
+    Face tokenizer adds only what its ``tokenizer.json`` post-processor says, so when encoding
+    does not start with BOS already, a post-processor that prepends it is added (EOS is not
+    added, as for Llama: a prompt must not end the document). The pad token falls back to EOS.
+    Returns the special token ids.
+    """
+    from tokenizers import Tokenizer, processors
+
+    src = Path(src)
+    for name in TOKENIZER_FILES:
+        if (src / name).is_file():
+            shutil.copy2(src / name, dst / name)
+    if not (dst / "tokenizer.json").is_file():
+        return {"bos": None, "eos": None, "pad": None}
+    ids = special_token_ids(dst)
+    config = _read_json(dst / "tokenizer_config.json")
+    bos, bos_id = _token_name(config.get("bos_token")), ids["bos"]
+    tok = Tokenizer.from_file(str(dst / "tokenizer.json"))
+    if bos is not None and bos_id is not None and tok.encode("a").ids[:1] != [bos_id]:
+        template = processors.TemplateProcessing(
+            single=f"{bos}:0 $A:0",
+            pair=f"{bos}:0 $A:0 {bos}:1 $B:1",
+            special_tokens=[(bos, bos_id)],
+        )
+        old = tok.post_processor
+        tok.post_processor = template if old is None else processors.Sequence([old, template])
+        tok.save(str(dst / "tokenizer.json"))
+    config.setdefault("tokenizer_class", "PreTrainedTokenizerFast")
+    config["add_bos_token"] = bos is not None
+    config["add_eos_token"] = False
+    if config.get("pad_token") is None and config.get("eos_token") is not None:
+        config["pad_token"] = config["eos_token"]
+    config["model_max_length"] = model_max_length
+    (dst / "tokenizer_config.json").write_text(json.dumps(config, indent=2) + "\n")
+    return ids
+
+
+def model_card(info: dict[str, Any], config: Any) -> str:
+    """README.md for an export: what it is, how it was trained, and how to load it."""
+    hp = info.get("hyperparameters") or {}
+    val = info.get("validation") or {}
+    weights = info.get("weights", "x")
+    what = (
+        "the averaged weights X of AMUSE / Schedule-Free (the anytime model)"
+        if weights == "x"
+        else "the training weights Y"
+    )
+    rows = [
+        ("step", info.get("step")),
+        ("tokens seen", f"{info['tokens_seen']:,}" if info.get("tokens_seen") is not None else "?"),
+        ("weights", f"{weights.upper()}: {what}"),
+        ("optimizer", info.get("optimizer")),
+        ("model", f"{info.get('model', {}).get('name')} / {info.get('model', {}).get('flavor')}"),
+        ("parameters", f"{info['n_params']:,}" if info.get("n_params") else "?"),
+        ("trained context (seq_len)", config.max_position_embeddings),
+    ]
+    if val.get("loss") is not None:
+        rows.append(
+            (
+                f"validation loss at {val.get('weights', weights).upper()}",
+                f"{val['loss']:.4f} (step {val.get('step')}, {val.get('batches')} batches of "
+                f"{val.get('dataset')})",
+            )
+        )
+    table = "\n".join(f"| {k} | {v} |" for k, v in rows)
+    hp_rows = "\n".join(f"| {k} | {_fmt_value(v)} |" for k, v in sorted(hp.items()))
+    return f"""---
+library_name: transformers
+pipeline_tag: text-generation
+tags:
+- amuse
+- llama
+- torchtitan
+---
+
+# {info.get("model", {}).get("name", "llama")} {info.get("model", {}).get("flavor", "")}, step {info.get("step")} ({weights.upper()})
+
+Exported by amuse_dist from a torchtitan training run: {what}.
+
+| | |
+|---|---|
+{table}
+
+## Optimizer hyper-parameters
+
+| name | value |
+|---|---|
+{hp_rows}
+
+## Command
+
+```bash
+{info.get("command", "?")}
+```
+
+## Use
+
+```python
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+tokenizer = AutoTokenizer.from_pretrained("PATH")  # adds BOS, as in training
+model = AutoModelForCausalLM.from_pretrained("PATH")
+out = model.generate(**tokenizer("def main():", return_tensors="pt"), max_new_tokens=32)
+print(tokenizer.decode(out[0]))
+```
+
+Inputs longer than {config.max_position_embeddings} tokens (the trained context) are out of
+distribution.
+"""
+
+
+def _fmt_value(value: Any) -> str:
+    return f"{value:.6g}" if isinstance(value, float) else str(value)
 
 
 def export_hf(
@@ -83,10 +294,14 @@ def export_hf(
     model_args: Any,
     tokenizer_dir: str | os.PathLike[str] | None,
     info: ExportInfo,
+    max_position_embeddings: int | None = None,
 ) -> Path:
-    """Write ``state_dict`` (torchtitan names, plain or DTensor) as an HF Llama folder at ``dest``.
+    """Write ``state_dict`` (torchtitan names, plain or DTensor) as a Hugging Face model folder.
 
-    A collective: every rank calls it with its own shards.
+    ``dest`` gets the safetensors, config.json (transformers' LlamaConfig),
+    generation_config.json, the tokenizer (tokenizing as training did), a README.md model card
+    built from ``info``, and ``amuse_export.json`` (``info``) last. A collective: every rank calls
+    it with its own shards.
     """
     dest = Path(dest)
     tmp = dest.with_name(dest.name + ".tmp")
@@ -94,7 +309,6 @@ def export_hf(
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
     _barrier()
-    config = hf_llama_config(model_args, state_dict)
     hf_sd = sd_adapter.to_hf(_permutable(state_dict, model_args))
     writer = HuggingFaceStorageWriter(
         path=str(tmp), save_distributed=True, enable_consolidation=True
@@ -103,12 +317,18 @@ def export_hf(
     _barrier()
     if _rank() == 0:
         shutil.rmtree(tmp / "sharded", ignore_errors=True)
-        (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
-        if tokenizer_dir is not None:
-            for name in TOKENIZER_FILES:
-                src = Path(tokenizer_dir) / name
-                if src.is_file():
-                    shutil.copy2(src, tmp / name)
+        max_pos = int(max_position_embeddings or model_args.max_seq_len)
+        ids = (
+            export_tokenizer(tokenizer_dir, tmp, max_pos)
+            if tokenizer_dir is not None
+            else special_token_ids(None)
+        )
+        config = hf_llama_config(
+            model_args, state_dict, max_position_embeddings=max_pos, token_ids=ids
+        )
+        config.save_pretrained(tmp)
+        hf_generation_config(config).save_pretrained(tmp)
+        (tmp / "README.md").write_text(model_card(dataclasses.asdict(info), config))
         info.write(tmp)  # the marker, last
         publish(tmp, dest)
     _barrier()

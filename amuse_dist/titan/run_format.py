@@ -138,6 +138,72 @@ def complete_steps(folder: PathLike) -> list[int]:
     return sorted(steps)
 
 
+# ------------------------------------------------------------------ retention (keep_exports)
+def export_dirs(step_dir: PathLike) -> list[Path]:
+    """The complete export folders (``x``, ``y``) inside a ``step-N`` folder."""
+    step_dir = Path(step_dir)
+    if not step_dir.is_dir():
+        return []
+    return [c for c in sorted(step_dir.iterdir()) if c.is_dir() and (c / EXPORT_MARKER).is_file()]
+
+
+def exported_steps(folder: str | os.PathLike[str]) -> list[int]:
+    """Steps whose ``step-N`` folder holds a complete export (checkpoint kept or purged)."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return []
+    steps = []
+    for child in folder.iterdir():
+        m = STEP_DIR.match(child.name)
+        if m and export_dirs(child):
+            steps.append(int(m.group(1)))
+    return sorted(steps)
+
+
+def purge_plan(
+    folder: PathLike, keep_latest_k: int, keep_exports: int
+) -> tuple[list[Path], list[Path]]:
+    """(step folders to strip to their exports, step folders to delete whole).
+
+    Checkpoints beyond the newest ``keep_latest_k`` are purged. ``keep_exports`` = 0 keeps the
+    export of every purged checkpoint; k > 0 keeps the newest k exports of the run (live
+    checkpoints' included) and deletes older step folders whole, export-only ones too.
+    """
+    folder = Path(folder)
+    ckpts = complete_steps(folder)
+    stale = ckpts[:-keep_latest_k] if keep_latest_k > 0 else []
+    live = set(ckpts) - set(stale)
+    exported = exported_steps(folder)
+    kept = set(exported) if keep_exports <= 0 else set(exported[-keep_exports:])
+    strip, delete = [], []
+    for step in sorted(set(stale) | (set(exported) - live)):
+        step_dir = folder / f"step-{step}"
+        if step in kept:
+            if step in stale:
+                strip.append(step_dir)
+        else:
+            delete.append(step_dir)
+    return strip, delete
+
+
+def strip_to_exports(step_dir: PathLike) -> None:
+    """Delete a checkpoint's DCP state but keep its exports and ``amuse_meta.json``.
+
+    ``.metadata`` goes first, so an interrupted strip never leaves a folder that looks like a
+    loadable checkpoint.
+    """
+    step_dir = Path(step_dir)
+    (step_dir / DCP_METADATA).unlink(missing_ok=True)
+    keep = {p.name for p in export_dirs(step_dir)} | {META_FILE}
+    for child in step_dir.iterdir():
+        if child.name in keep:
+            continue
+        if child.is_dir():
+            shutil.rmtree(child, ignore_errors=True)
+        else:
+            child.unlink(missing_ok=True)
+
+
 def is_complete_export(path: PathLike) -> bool:
     """A folder that an export finished writing (its marker is written last)."""
     p = Path(path)
@@ -226,6 +292,14 @@ class ExportInfo:
     model: dict[str, Any] = field(default_factory=dict)
     beta_y: float | None = None
     folder: str = "x"
+    # what the model card tells a reader (filled in by the trainer; None where unknown)
+    tokens_seen: int | None = None
+    n_params: int | None = None
+    hyperparameters: dict[str, Any] = field(default_factory=dict)
+    validation: dict[str, Any] | None = None
+    command: str | None = None
+    world_size: int | None = None
+    y_folder: str | None = None  # the Y export beside it ([anytime] export_y)
 
     def write(self, export: PathLike) -> None:
         text = json.dumps(dataclasses.asdict(self), indent=2, sort_keys=True) + "\n"

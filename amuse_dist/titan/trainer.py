@@ -1,8 +1,12 @@
 """torchtitan's Trainer with the hooks AMUSE runs need (import after ``cpu.setup_device()``)."""
 
 import dataclasses
+import logging
 import os
+import re
+import shlex
 import signal
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -29,14 +33,15 @@ from amuse_dist.titan.run_format import (
     export_dir,
     run_tokenizer_dir,
 )
-from amuse_dist.titan.validator import averaged_weights
+from amuse_dist.titan.validator import averaged_weights, weights_swapped
 
 
 class AmuseTrainer(Trainer):
     """Adds: whole-config access for the optimizer builder, the offline corpus/tokenizer (built
     once by rank 0 after the process group exists, before dataloaders are built), one run per
-    dump folder (a lock held by rank 0), the divergence guard, and the run's own copy of the
-    export assets. ``evaluating=True`` (amuse-eval) only reads the run folder: no lock, no copy.
+    dump folder (a lock held by rank 0), the divergence guard, the run's own copy of the
+    export assets, and the run records (``train.log``, ``config.toml``) in the run folder.
+    ``evaluating=True`` (amuse-eval) only reads the run folder: no lock, no copy, no records.
     """
 
     def __init__(self, job_config: Any, evaluating: bool = False) -> None:
@@ -45,9 +50,17 @@ class AmuseTrainer(Trainer):
         self._skipped_steps = 0
         if job_config.anytime.export_x:
             check_export_folder(job_config.anytime.export_folder)
+        record_run = not evaluating
         train_spec.set_job_config(job_config)
         train_spec.register()
+        self._log_handler = start_run_log(job_config.job.dump_folder) if record_run else None
         super().__init__(job_config)
+        if record_run and dist.get_rank() == 0:
+            try:
+                path = write_resolved_config(job_config, Path(job_config.job.dump_folder))
+                logger.info(f"resolved config saved to {path}; the log goes to train.log beside it")
+            except (OSError, TypeError, ValueError) as e:  # a record, never a reason to stop
+                logger.warning(f"could not write the resolved config.toml: {e}")
         self._replace_checkpointer()
         self._guard_optimizer_step()
         if getattr(self, "validator", None) is not None:
@@ -81,6 +94,7 @@ class AmuseTrainer(Trainer):
             state_finite=None if self.evaluating else self.state_is_finite,
             trust=cfg.anytime.trust_checkpoints,
             resume_override=cfg.anytime.resume_override,
+            keep_exports=cfg.anytime.keep_exports,
             meta={
                 "optimizer": cfg.optimizer.name,
                 "model": {"name": cfg.model.name, "flavor": cfg.model.flavor},
@@ -99,28 +113,83 @@ class AmuseTrainer(Trainer):
         return out, bool(xs)
 
     def export_weights(self, step_dir: Path, step: int) -> dict[str, Any]:
-        """Write X as HF safetensors into ``step_dir/<export_folder>`` (a collective)."""
+        """Write X (and Y when ``[anytime] export_y``) as Hugging Face model folders into
+        ``step_dir`` (a collective)."""
         cfg = self.job_config
-        state, averaged = self.x_state_dict()
-        info = ExportInfo(
+        averaged = bool(averaging(self.optimizers))
+        folders = {"x": cfg.anytime.export_folder}
+        if cfg.anytime.export_y and averaged:
+            folders["y"] = "y"
+        tokenizer = run_tokenizer_dir(cfg.job.dump_folder)
+        result: dict[str, Any] = {}
+        for which, folder in folders.items():
+            info = self.export_info(step, "x" if which == "x" and averaged else "y", folder)
+            state = self.x_state_dict()[0] if which == "x" else self.y_state_dict()
+            export_hf(
+                export_dir(step_dir, folder),
+                state,
+                self.checkpointer.sd_adapter,
+                self.model_args,
+                tokenizer if tokenizer.is_dir() else None,
+                info,
+                max_position_embeddings=cfg.anytime.max_position_embeddings or None,
+            )
+            del state
+            if which == "x":
+                result = dataclasses.asdict(info)
+            else:
+                result["y_folder"] = folder
+        return result
+
+    def y_state_dict(self) -> dict[str, torch.Tensor]:
+        return {n: p.detach() for m in self.model_parts for n, p in m.named_parameters()}
+
+    def export_info(self, step: int, weights: str, folder: str) -> ExportInfo:
+        """What the export's amuse_export.json and model card say about it."""
+        cfg = self.job_config
+        return ExportInfo(
             step=step,
-            weights="x" if averaged else "y",
+            weights=weights,
             optimizer=cfg.optimizer.name,
             model={"name": cfg.model.name, "flavor": cfg.model.flavor},
             beta_y=_beta_y(self.optimizers),
-            folder=cfg.anytime.export_folder,
+            folder=folder,
+            tokens_seen=step * self.metrics_processor.tokens_per_step,
+            n_params=sum(p.numel() for m in self.model_parts for p in m.parameters()),
+            hyperparameters=_hyperparameters(cfg),
+            validation=self._validation_for_card(step, weights),
+            command=run_command(),
+            world_size=dist.get_world_size(),
         )
-        dest = export_dir(step_dir, cfg.anytime.export_folder)
-        tokenizer = run_tokenizer_dir(cfg.job.dump_folder)
-        export_hf(
-            dest,
-            state,
-            self.checkpointer.sd_adapter,
-            self.model_args,
-            tokenizer if tokenizer.is_dir() else None,
-            info,
-        )
-        return dataclasses.asdict(info)
+
+    def _validation_for_card(self, step: int, weights: str) -> dict[str, Any] | None:
+        """The validation loss of the exported weights at ``step`` (a collective).
+
+        torchtitan saves before it validates, so unless this step was validated already the
+        exported weights are evaluated here, on the same fixed batches as validation."""
+        validator = getattr(self, "validator", None)
+        if validator is None or not self.job_config.validation.enable:
+            return None
+        v = self.job_config.validation
+        tag = f"validation_{weights}/loss"
+        last = getattr(self.metrics_processor, "last_validation", {})
+        if last.get("step") == step and tag in last:
+            loss = float(last[tag])
+        elif weights == "x":
+            xs = averaged_weights(self.optimizers)
+            with weights_swapped(self.model_parts, xs):
+                loss = validator.evaluate(self.model_parts)[0]
+            del xs
+        else:
+            loss = validator.evaluate(self.model_parts)[0]
+        return {
+            "loss": loss,
+            "step": step,
+            "weights": weights,
+            "dataset": v.dataset,
+            "batches": v.steps,
+            "seq_len": v.seq_len,
+        }
 
     # ------------------------------------------------------------------ divergence guard
     def _all_ranks_true(self, ok: bool) -> bool:
@@ -292,6 +361,112 @@ def _absolute_paths(config: dict[str, Any]) -> dict[str, Any]:
         if value and "://" not in value and not os.path.isabs(value) and os.path.exists(value):
             config[section][key] = os.path.abspath(value)
     return config
+
+
+def _hyperparameters(cfg: Any) -> dict[str, Any]:
+    """The optimizer's settings as the run used them (for the model card): ``[optimizer] lr``
+    and the optimizer's own TOML section, or torchtitan's ``[optimizer]`` keys (AdamW)."""
+    from amuse_dist.optim import registry
+
+    opt = cfg.optimizer
+    spec = registry.find(opt.name)
+    out: dict[str, Any] = {"lr": opt.lr}
+    if spec is not None and spec.section is not None and hasattr(cfg, spec.section):
+        out.update(dataclasses.asdict(getattr(cfg, spec.section)))
+    else:
+        out.update(
+            {
+                "beta1": opt.beta1,
+                "beta2": opt.beta2,
+                "eps": opt.eps,
+                "weight_decay": opt.weight_decay,
+            }
+        )
+    out["training.steps"] = cfg.training.steps
+    out["training.seq_len"] = cfg.training.seq_len
+    out["training.max_norm"] = cfg.training.max_norm
+    return out
+
+
+def run_command() -> str:
+    """The launch command of this run, as a person would retype it."""
+    args = " ".join(shlex.quote(a) for a in sys.argv[1:])
+    nnodes = int(os.environ.get("WORLD_SIZE", "1")) // max(
+        1, int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    )
+    nproc = os.environ.get("LOCAL_WORLD_SIZE", "1")
+    module = "amuse_dist.train"
+    if nnodes == 1 and nproc == "1" and "TORCHELASTIC_RUN_ID" not in os.environ:
+        return f"python -m {module} {args}"
+    return f"torchrun --nnodes {nnodes} --nproc_per_node {nproc} -m {module} {args}"
+
+
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")
+
+
+class _PlainFormatter(logging.Formatter):
+    """The console format without colour codes (a log file is read with less and grep)."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        return _ANSI.sub("", super().format(record))
+
+
+def start_run_log(dump_folder: str) -> logging.Handler | None:
+    """Rank 0 appends everything it logs to ``<dump_folder>/train.log`` (resumes append)."""
+    if int(os.environ.get("RANK", "0")) != 0:
+        return None
+    root = logging.getLogger()
+    path = Path(dump_folder).resolve() / "train.log"
+    for h in root.handlers:
+        if isinstance(h, logging.FileHandler) and Path(h.baseFilename) == path:
+            return h
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handler = logging.FileHandler(path, mode="a", encoding="utf-8")
+    console = next((h for h in root.handlers if h.formatter is not None), None)
+    fmt = console.formatter._fmt if console is not None else "%(asctime)s %(levelname)s %(message)s"
+    handler.setFormatter(_PlainFormatter(fmt))
+    root.addHandler(handler)
+    return handler
+
+
+def resolved_config(cfg: Any) -> dict[str, Any]:
+    """The whole JobConfig as TOML tables: every value the run used, unset (None) ones left out."""
+
+    def clean(value: Any) -> Any:
+        if isinstance(value, dict):
+            return {k: clean(v) for k, v in value.items() if v is not None}
+        if isinstance(value, (list, tuple)):
+            return [clean(v) for v in value if v is not None]
+        return value
+
+    return clean(_absolute_paths(dataclasses.asdict(cfg)))
+
+
+def write_resolved_config(cfg: Any, folder: Path) -> Path:
+    """``folder/config.toml``: the resolved config, reusable as ``--job.config_file``.
+
+    A different earlier one (a resume with other settings) is kept as ``config.N.toml``.
+    """
+    import tomli_w
+
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / "config.toml"
+    text = (
+        "# Resolved config of this run (TOML + command-line overrides), written by amuse-train.\n"
+        f"# Command: {run_command()}\n" + tomli_w.dumps(resolved_config(cfg))
+    )
+    if path.is_file():
+        old = path.read_text()
+        if old.split("\n", 2)[2:] == text.split("\n", 2)[2:]:
+            return path
+        n = 1
+        while (folder / f"config.{n}.toml").exists():
+            n += 1
+        path.rename(folder / f"config.{n}.toml")
+    tmp = folder / ".config.toml.tmp"
+    tmp.write_text(text)
+    tmp.replace(path)
+    return path
 
 
 def _beta_y(optimizers: Any) -> float | None:
