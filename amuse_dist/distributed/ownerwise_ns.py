@@ -1,211 +1,349 @@
-"""Owner-wise Newton-Schulz: each matrix is orthogonalized exactly once, on one owner rank.
+"""Owner-wise Newton-Schulz: each matrix is orthogonalized once per job, on one owner rank.
 
-Per step and process group, two ``all_to_all_single`` calls move the data:
+Per wave and process group, two ``all_to_all_single`` calls move the data:
 
-1. gather: every rank sends its shard of matrix i (in the NS dtype, bf16 by default) to owner(i);
-   the owner concatenates the shards along the shard dimension into the full matrix.
-2. return: the owner runs NS5 on all its matrices (batched by shape), scales them, and sends each
-   rank its shard of the result.
+1. gather: each distinct piece of every matrix in the wave (in the NS dtype) goes from one rank
+   holding it to the matrix's owner, which assembles the whole matrix into its batched NS buffer;
+2. return: the owner runs NS on its batches and sends every served rank exactly its piece.
 
-Replicated matrices (every rank holds the full update, as under DDP) skip the gather; the owner
-sends the full result to every rank. Uneven and empty shards need no padding: split sizes are
-computed from the global shape with torch.chunk semantics, identically on every rank.
+The plan (``plan.py``: owners, sources, batches, waves, and here the split sizes and assembly
+steps of this rank) is built once per parameter set. Waves are pipelined: wave k+1's gather is in
+flight while wave k is orthogonalized, and wave k's return is in flight while wave k+1 is; an
+owner holds O(wave) extra memory instead of O(all its matrices). ``pipeline=False`` runs the same
+batches with one gather and one return, bitwise-equal results.
+
+Newton-Schulz itself is passed in (``Orthogonalizer``): this package knows nothing of the math.
 """
 
 from __future__ import annotations
 
-import math
 from collections import defaultdict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Protocol
 
 import torch
 import torch.distributed as dist
 
-from amuse_dist.distributed.layout import Layout, chunk_sizes
-from amuse_dist.distributed.owners import assign_owners
-from amuse_dist.optim.newton_schulz import muon_scale, newton_schulz5, ns_flops
+from amuse_dist.distributed.layout import Piece
+from amuse_dist.distributed.plan import (
+    DEFAULT_WAVE_BYTES,
+    GroupPlan,
+    MatrixTask,
+    build_group_plan,
+)
+
+__all__ = ["MatrixTask", "Orthogonalizer", "OwnerwiseNewtonSchulz", "orthogonalize_full"]
 
 
-@dataclass(frozen=True)
-class MatrixTask:
-    """One Muon matrix: its layout and the row blocks orthogonalized separately.
+class Orthogonalizer(Protocol):
+    """Newton-Schulz as the exchange sees it: a batched function and its cost model.
 
-    ``splits`` is empty for an ordinary matrix; for a fused QKV weight it holds the row counts of
-    the Q, K and V blocks, each of which gets its own NS5 and scale.
+    ``dtype`` is the NS dtype (and the dtype on the wire); ``__call__`` maps a batch
+    ``[b, rows, cols]`` to its orthogonalized, scaled batch in ``dtype``; ``flops(rows, cols)``
+    is the cost of one matrix, used to balance owners.
     """
 
-    layout: Layout
-    splits: tuple[int, ...] = ()
+    dtype: torch.dtype
 
-    def blocks(self) -> list[tuple[int, int]]:
-        rows, cols = self.layout.shape
-        return [(r, cols) for r in self.splits] if self.splits else [(rows, cols)]
+    def __call__(self, batch: torch.Tensor) -> torch.Tensor: ...
 
-    @property
-    def cost(self) -> int:
-        return sum(ns_flops(r, c) for r, c in self.blocks())
+    def flops(self, rows: int, cols: int) -> float: ...
+
+
+def orthogonalize_batch(
+    batch: torch.Tensor, splits: tuple[int, ...], orth: Orthogonalizer
+) -> torch.Tensor:
+    """orth on a [b, rows, cols] batch, each row block of ``splits`` separately (fused QKV)."""
+    if not splits:
+        return orth(batch)
+    out = torch.empty(batch.shape, dtype=orth.dtype, device=batch.device)
+    start = 0
+    for rows in splits:
+        out[:, start : start + rows] = orth(batch[:, start : start + rows])
+        start += rows
+    return out
 
 
 def orthogonalize_full(
-    mats: Sequence[torch.Tensor],
-    splits: Sequence[tuple[int, ...]],
-    ns_steps: int,
-    ns_dtype: torch.dtype,
+    mats: Sequence[torch.Tensor], splits: Sequence[tuple[int, ...]], orth: Orthogonalizer
 ) -> list[torch.Tensor]:
-    """NS5(u) * 0.2 * sqrt(max(rows, cols)) for whole matrices, same-shape blocks batched.
-
-    Returns tensors in ``ns_dtype``. This is the only place NS5 runs, on one process or an owner.
-    """
-    pieces: list[list[torch.Tensor]] = []
-    by_shape: dict[tuple[int, int], list[tuple[int, int]]] = defaultdict(list)
-    for i, (mat, split) in enumerate(zip(mats, splits, strict=True)):
-        blocks = list(mat.split(list(split))) if split else [mat]
-        pieces.append(blocks)
-        for j, block in enumerate(blocks):
-            by_shape[tuple(block.shape)].append((i, j))
-    out: list[list[torch.Tensor | None]] = [[None] * len(p) for p in pieces]
-    for (rows, cols), members in by_shape.items():
-        batch = torch.stack([pieces[i][j] for i, j in members])
-        result = newton_schulz5(batch, ns_steps, ns_dtype) * muon_scale(rows, cols)
-        for k, (i, j) in enumerate(members):
-            out[i][j] = result[k]
-    return [blocks[0] if len(blocks) == 1 else torch.cat(blocks) for blocks in out]  # type: ignore[arg-type]
+    """Whole matrices through ``orth``, same-signature matrices batched (single-process helper)."""
+    by_sig: dict[tuple, list[int]] = defaultdict(list)
+    for i, (m, s) in enumerate(zip(mats, splits, strict=True)):
+        by_sig[(tuple(m.shape), tuple(s))].append(i)
+    out: list[torch.Tensor | None] = [None] * len(mats)
+    for (_, s), members in by_sig.items():
+        result = orthogonalize_batch(torch.stack([mats[i].to(orth.dtype) for i in members]), s, orth)
+        for k, i in enumerate(members):
+            out[i] = result[k]
+    return out  # type: ignore[return-value]
 
 
-def _all_to_all(
-    send: list[list[torch.Tensor]],
-    recv_shapes: list[list[tuple[int, ...]]],
-    dtype: torch.dtype,
-    device: torch.device,
-    group: dist.ProcessGroup,
-) -> list[list[torch.Tensor]]:
-    """Send ``send[d]`` to rank d; receive tensors of ``recv_shapes[s]`` from rank s."""
-    in_splits = [sum(t.numel() for t in ts) for ts in send]
-    out_splits = [sum(math.prod(s) for s in shapes) for shapes in recv_shapes]
-    flat = [t.reshape(-1).to(dtype) for ts in send for t in ts]
-    send_buf = torch.cat(flat) if flat else torch.empty(0, dtype=dtype, device=device)
-    recv_buf = torch.empty(sum(out_splits), dtype=dtype, device=device)
-    dist.all_to_all_single(recv_buf, send_buf, out_splits, in_splits, group=group)
-    received: list[list[torch.Tensor]] = []
-    for chunk, shapes in zip(recv_buf.split(out_splits), recv_shapes, strict=True):
-        sizes = [math.prod(s) for s in shapes]
-        received.append([p.view(s) for p, s in zip(chunk.split(sizes), shapes, strict=True)])
-    return received
+# ------------------------------------------------------------------- this rank's share of a wave
+@dataclass
+class _BatchSteps:
+    signature: tuple[int, int, tuple[int, ...]]
+    tasks: list[int]  # group-local task indices, one per batch position
+    # per position: (piece, recv index or -1, local task or -1), pieces sorted by (row, col)
+    parts: list[list[tuple[Piece, int, int]]]
+    full_rows: list[bool]  # every part spans all columns: one cat assembles the matrix
+
+
+@dataclass
+class _RankWave:
+    send_tasks: list[int]
+    send_splits: list[int]
+    recv_sizes: list[int]  # per received piece, source-major
+    recv_splits: list[int]
+    batches: list[_BatchSteps]
+    ret_send: list[tuple[int, int, Piece]]  # (batch, position, piece), destination-major
+    ret_send_splits: list[int]
+    ret_recv: list[tuple[int, tuple[int, int]]]  # (task, local shape), source-major
+    ret_recv_splits: list[int]
+    own: list[tuple[int, int, int, Piece]]  # (batch, position, task, piece) kept by the owner
+
+
+def _rank_waves(plan: GroupPlan, tasks: Sequence[MatrixTask], me: int) -> list[_RankWave]:
+    ws = plan.world_size
+    out = []
+    for wave in plan.waves:
+        send: list[list[int]] = [[] for _ in range(ws)]
+        recv: list[list[tuple[int, int, Piece]]] = [[] for _ in range(ws)]
+        ret_send: list[list[tuple[int, int, Piece]]] = [[] for _ in range(ws)]
+        ret_recv: list[list[int]] = [[] for _ in range(ws)]
+        own: list[tuple[int, int, int, Piece]] = []
+        mine: list[tuple[int, _BatchSteps]] = []
+        for b in wave:
+            if b.owner == me:
+                steps = _BatchSteps(b.signature, [j.task for j in b.jobs], [], [])
+                mine.append((len(mine), steps))
+            for pos, job in enumerate(b.jobs):
+                layout = tasks[job.task].layout
+                if job.owner == me:
+                    bi = len(mine) - 1
+                    parts = []
+                    for src, piece in job.sources:
+                        if src == me:
+                            parts.append((piece, -1, job.task))
+                        else:
+                            recv[src].append((bi, pos, piece))
+                            parts.append((piece, -2, -1))  # recv index filled below
+                    mine[bi][1].parts.append(parts)
+                    for g in job.served:
+                        piece = layout.pieces[g]
+                        if not piece.numel:
+                            continue
+                        if g == me:
+                            own.append((bi, pos, job.task, piece))
+                        else:
+                            ret_send[g].append((bi, pos, piece))
+                else:
+                    for src, _ in job.sources:
+                        if src == me:
+                            send[job.owner].append(job.task)
+                    if me in job.served and layout.pieces[me].numel:
+                        ret_recv[job.owner].append(job.task)
+        # received pieces are numbered source-major, the order all_to_all_single lays them out
+        index: dict[tuple[int, int, int, int], int] = {}
+        recv_sizes = []
+        for s in range(ws):
+            for bi, pos, piece in recv[s]:
+                index[(bi, pos, piece.row, piece.col)] = len(recv_sizes)
+                recv_sizes.append(piece.numel)
+        batches = []
+        for bi, steps in mine:
+            for pos, parts in enumerate(steps.parts):
+                filled = [
+                    (p, index[(bi, pos, p.row, p.col)] if r == -2 else r, t) for p, r, t in parts
+                ]
+                steps.parts[pos] = filled
+                steps.full_rows.append(all(p.full_width(steps.signature[1]) for p, _, _ in parts))
+            batches.append(steps)
+        out.append(
+            _RankWave(
+                send_tasks=[t for d in range(ws) for t in send[d]],
+                send_splits=[sum(tasks[t].layout.pieces[me].numel for t in send[d]) for d in range(ws)],
+                recv_sizes=recv_sizes,
+                recv_splits=[sum(p.numel for _, _, p in recv[s]) for s in range(ws)],
+                batches=batches,
+                ret_send=[x for d in range(ws) for x in ret_send[d]],
+                ret_send_splits=[sum(p.numel for _, _, p in ret_send[d]) for d in range(ws)],
+                ret_recv=[(t, tasks[t].layout.pieces[me].shape) for s in range(ws) for t in ret_recv[s]],
+                ret_recv_splits=[
+                    sum(tasks[t].layout.pieces[me].numel for t in ret_recv[s]) for s in range(ws)
+                ],
+                own=own,
+            )
+        )
+    return out
 
 
 class OwnerwiseNewtonSchulz:
-    """Orthogonalizes a fixed list of matrices across the ranks of their process group.
+    """Orthogonalizes a fixed list of matrices across the ranks of their process groups.
 
     Built once for a list of tasks (the same list, in the same order, on every rank) and called
     every step with this rank's local update tensors. ``owned_log`` records which task indices ran
-    NS5 on this rank in the last call; ``matrices_done`` counts them over the object's life.
+    NS on this rank in the last call; ``matrices_done`` counts them over the object's life.
+    ``owner[i]`` is the group rank that orthogonalizes task i for this rank's replica group.
     """
 
-    def __init__(self, tasks: Sequence[MatrixTask], ns_steps: int, ns_dtype: torch.dtype):
+    def __init__(
+        self,
+        tasks: Sequence[MatrixTask],
+        orthogonalizer: Orthogonalizer,
+        hsdp_mode: str = "auto",
+        wave_bytes: int | None = DEFAULT_WAVE_BYTES,
+        pipeline: bool = True,
+    ):
         self.tasks = list(tasks)
-        self.ns_steps = ns_steps
-        self.ns_dtype = ns_dtype
-        groups: dict[int, list[int]] = defaultdict(list)
+        self.orth = orthogonalizer
+        self.pipeline = pipeline
+        elem = torch.empty(0, dtype=orthogonalizer.dtype).element_size()
+        by_group: dict[tuple, list[int]] = defaultdict(list)
         for i, task in enumerate(self.tasks):
             if len(task.layout.shape) != 2:
                 raise ValueError(f"Muon matrix {i} has shape {task.layout.shape}, expected 2-D")
-            groups[id(task.layout.group)].append(i)
-        self._groups = list(groups.values())
+            layout = task.layout
+            key = (layout.group_key, layout.world_size) if layout.group is not None else ()
+            by_group[key].append(i)
+        self.plans: list[GroupPlan] = []
+        self._groups: list[tuple[dist.ProcessGroup | None, list[int], list[_RankWave]]] = []
         self.owner: list[int] = [0] * len(self.tasks)
-        for members in self._groups:
-            ws = self.tasks[members[0]].layout.world_size
-            owners = assign_owners([self.tasks[i].cost for i in members], ws)
-            for i, o in zip(members, owners, strict=True):
-                self.owner[i] = o
+        for ids in by_group.values():
+            plan = build_group_plan(
+                ids, self.tasks, orthogonalizer.flops, elem, hsdp_mode, wave_bytes
+            )
+            if not pipeline:  # the same batches, all in one wave
+                plan.waves = [[b for w in plan.waves for b in w]] if plan.waves else []
+            sub = [self.tasks[i] for i in ids]
+            layout = sub[0].layout
+            me = layout.rank
+            for job in plan.jobs:
+                if me in job.served:
+                    self.owner[ids[job.task]] = job.owner
+            self.plans.append(plan)
+            self._groups.append((layout.group, ids, _rank_waves(plan, sub, me)))
         self.owned_log: list[int] = []
         self.matrices_done = 0
+
+    @property
+    def hsdp_modes(self) -> list[str]:
+        return [p.mode for p in self.plans]
 
     def __call__(
         self, updates: Sequence[torch.Tensor], overlap: Callable[[], None] | None = None
     ) -> list[torch.Tensor]:
-        """Return this rank's piece of NS5(u) * scale for every task, in ``ns_dtype``.
+        """Return this rank's piece of NS(u) * scale for every task, in the NS dtype.
 
-        ``overlap`` is called once, while the exchange is in flight (other work hides there).
+        ``overlap`` is called exactly once: while the first gather is in flight, or before NS
+        when there is no communication.
         """
         if len(updates) != len(self.tasks):
             raise ValueError(f"expected {len(self.tasks)} updates, got {len(updates)}")
-        if overlap is not None:
-            overlap()
         out: list[torch.Tensor | None] = [None] * len(self.tasks)
         self.owned_log = []
-        for members in self._groups:
-            layout = self.tasks[members[0]].layout
-            if layout.group is None or layout.world_size == 1:
-                results = self._run(members, [updates[i] for i in members])
-            else:
-                results = self._exchange(members, updates, layout)
-            for i, r in zip(members, results, strict=True):
+        pending = overlap
+        for group, ids, waves in self._groups:
+            local = [updates[i] for i in ids]
+            results = self._run_group(group, ids, waves, local, pending)
+            pending = None
+            for i, r in zip(ids, results, strict=True):
                 out[i] = r
+        if pending is not None:
+            pending()
         return out  # type: ignore[return-value]
 
-    def _run(self, idx: list[int], mats: list[torch.Tensor]) -> list[torch.Tensor]:
-        self.owned_log.extend(idx)
-        self.matrices_done += len(idx)
-        if not idx:
-            return []
-        splits = [self.tasks[i].splits for i in idx]
-        return orthogonalize_full(mats, splits, self.ns_steps, self.ns_dtype)
-
-    def _exchange(
-        self, members: list[int], updates: Sequence[torch.Tensor], layout: Layout
+    # ------------------------------------------------------------------------------ one group
+    def _run_group(
+        self,
+        group: dist.ProcessGroup | None,
+        ids: list[int],
+        waves: list[_RankWave],
+        updates: list[torch.Tensor],
+        overlap: Callable[[], None] | None,
     ) -> list[torch.Tensor]:
-        ws, rank, group = layout.world_size, layout.rank, layout.group
-        assert group is not None
-        device = updates[members[0]].device
-        dtype = self.ns_dtype
-        owned = [i for i in members if self.owner[i] == rank]
-        sharded = {i for i in members if self.tasks[i].layout.shard_dim is not None}
+        dtype = self.orth.dtype
+        device = updates[0].device
+        out: list[torch.Tensor | None] = [None] * len(ids)
+        for t, (task_id, u) in enumerate(zip(ids, updates, strict=True)):
+            if self.tasks[task_id].layout.local.numel == 0:
+                out[t] = torch.empty(tuple(u.shape), dtype=dtype, device=device)
+        comm = group is not None
 
-        # 1. gather shards of every sharded matrix to its owner
-        send = [
-            [updates[i] for i in members if self.owner[i] == d and i in sharded] for d in range(ws)
-        ]
-        recv_shapes = [
-            [self.tasks[i].layout.piece_shape(s) for i in owned if i in sharded] for s in range(ws)
-        ]
-        got = _all_to_all(send, recv_shapes, dtype, device, group)
-        full: list[torch.Tensor] = []
-        cursor = [0] * ws
-        for i in owned:
-            if i in sharded:
-                parts = []
-                for s in range(ws):
-                    parts.append(got[s][cursor[s]])
-                    cursor[s] += 1
-                full.append(torch.cat(parts, dim=self.tasks[i].layout.shard_dim))
-            else:
-                full.append(updates[i].to(dtype))
+        def a2a(send: torch.Tensor, in_splits: list[int], out_splits: list[int]):
+            recv = torch.empty(sum(out_splits), dtype=dtype, device=device)
+            work = None
+            if comm:
+                work = dist.all_to_all_single(
+                    recv, send, out_splits, in_splits, group=group, async_op=True
+                )
+            return recv, work, send
 
-        # 2. orthogonalize owned matrices once, here
-        results = dict(zip(owned, self._run(owned, full), strict=True))
+        def start_gather(w: _RankWave):
+            parts = [updates[t].reshape(-1) for t in w.send_tasks]
+            send = torch.empty(sum(w.send_splits), dtype=dtype, device=device)
+            if parts:
+                torch.cat(parts, out=send)
+            return a2a(send, w.send_splits, w.recv_splits)
 
-        # 3. send every rank its piece of each result
-        send = []
-        for d in range(ws):
-            pieces = []
-            for i in owned:
-                task_layout = self.tasks[i].layout
-                if task_layout.shard_dim is None:
-                    pieces.append(results[i])
-                else:
-                    sizes = chunk_sizes(task_layout.shape[task_layout.shard_dim], ws)
-                    pieces.append(
-                        results[i].narrow(task_layout.shard_dim, sum(sizes[:d]), sizes[d])
-                    )
-            send.append(pieces)
-        recv_shapes = [
-            [self.tasks[i].layout.piece_shape(rank) for i in members if self.owner[i] == s]
-            for s in range(ws)
-        ]
-        got = _all_to_all(send, recv_shapes, dtype, device, group)
-        back: dict[int, torch.Tensor] = {}
-        for s in range(ws):
-            for i, t in zip([i for i in members if self.owner[i] == s], got[s], strict=True):
-                back[i] = t
-        return [back[i] for i in members]
+        def finish_return(w: _RankWave, handle) -> None:
+            recv, work, _ = handle
+            if work is not None:
+                work.wait()
+            views = recv.split([shape[0] * shape[1] for _, shape in w.ret_recv])
+            for (t, shape), v in zip(w.ret_recv, views, strict=True):
+                out[t] = v.view(shape)
+
+        gathers: list = [None] * len(waves)
+        if waves:
+            gathers[0] = start_gather(waves[0])
+        if overlap is not None:
+            overlap()
+        previous = None
+        for k, w in enumerate(waves):
+            if self.pipeline and k + 1 < len(waves):
+                gathers[k + 1] = start_gather(waves[k + 1])
+            recv, work, _ = gathers[k]
+            gathers[k] = None
+            if work is not None:
+                work.wait()
+            views = recv.split(w.recv_sizes) if w.recv_sizes else ()
+            results = []
+            for steps in w.batches:
+                rows, cols, splits = steps.signature
+                buf = torch.empty((len(steps.tasks), rows, cols), dtype=dtype, device=device)
+                for pos, parts in enumerate(steps.parts):
+                    srcs = [views[r] if r >= 0 else updates[t].reshape(-1) for _, r, t in parts]
+                    if steps.full_rows[pos]:
+                        torch.cat(srcs, out=buf[pos].view(-1))
+                    else:
+                        for (p, _, _), s in zip(parts, srcs, strict=True):
+                            buf[pos, p.row : p.row + p.rows, p.col : p.col + p.cols].copy_(
+                                s.view(p.rows, p.cols)
+                            )
+                results.append(orthogonalize_batch(buf, splits, self.orth))
+                del buf
+                self.owned_log.extend(ids[t] for t in steps.tasks)
+                self.matrices_done += len(steps.tasks)
+            del views, recv
+            pieces = [
+                results[b][pos, p.row : p.row + p.rows, p.col : p.col + p.cols].reshape(-1)
+                for b, pos, p in w.ret_send
+            ]
+            send = torch.empty(sum(w.ret_send_splits), dtype=dtype, device=device)
+            if pieces:
+                torch.cat(pieces, out=send)
+            for b, pos, t, p in w.own:
+                out[t] = results[b][pos, p.row : p.row + p.rows, p.col : p.col + p.cols].clone()
+            del results, pieces
+            handle = a2a(send, w.ret_send_splits, w.ret_recv_splits)
+            if previous is not None:
+                finish_return(*previous)
+            previous = (w, handle)
+            if not self.pipeline and k + 1 < len(waves):
+                finish_return(*previous)
+                previous = None
+        if previous is not None:
+            finish_return(*previous)
+        return out  # type: ignore[return-value]

@@ -88,7 +88,8 @@ class AMUSE(Optimizer):
     Each param group sets ``use_muon``; build groups with ``amuse_dist.param_groups(model)``.
     ``exact_x`` recovers x with the beta that built y (exact) instead of the current beta_t (the
     reference code's choice, used for the paper's results). ``ns_dtype`` is the Newton-Schulz (and
-    its communication) dtype: bf16 as in the spec, fp32 for testing.
+    its communication) dtype: bf16 as in the spec, fp32 for testing. ``hsdp_mode`` ("auto",
+    "split", "per_replica") chooses how HSDP replica groups share Newton-Schulz (docs/distributed.md).
     """
 
     def __init__(
@@ -108,6 +109,7 @@ class AMUSE(Optimizer):
         exact_x: bool = _D.exact_x,
         ns_dtype: torch.dtype = torch.bfloat16,
         process_group: dist.ProcessGroup | None = None,
+        hsdp_mode: str = "auto",
     ):
         defaults = dict(
             lr=lr,
@@ -138,7 +140,11 @@ class AMUSE(Optimizer):
             group.setdefault(_BETA, float(group["beta1"]))
             group.setdefault(_C, 0.0)
         self._muon = MuonBranch(
-            self._names, ns_steps, ns_dtype, default_replicated_group(process_group)
+            self._names,
+            ns_steps,
+            ns_dtype,
+            default_replicated_group(process_group),
+            hsdp_mode=hsdp_mode,
         )
         self._sq_sums: dict[str, torch.Tensor] = {}
         self._numels: dict[str, int] = {}

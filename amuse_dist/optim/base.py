@@ -9,13 +9,16 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 import torch.distributed as dist
 
 from amuse_dist.distributed.layout import layout_of
-from amuse_dist.distributed.ownerwise_ns import MatrixTask, OwnerwiseNewtonSchulz
+from amuse_dist.distributed.ownerwise_ns import MatrixTask, Orthogonalizer, OwnerwiseNewtonSchulz
+from amuse_dist.distributed.plan import DEFAULT_WAVE_BYTES, HSDP_MODES
+from amuse_dist.optim.newton_schulz import muon_scale, newton_schulz5, ns_flops
 
 
 def check_finite(name: str, value: float) -> None:
@@ -62,8 +65,28 @@ def split_named(params: Iterable[Any]) -> tuple[list[dict[str, Any]], dict[int, 
     return out, names
 
 
+@dataclass(frozen=True)
+class NewtonSchulz:
+    """NS5 with the Muon scale, as the owner-wise exchange's ``Orthogonalizer``."""
+
+    steps: int = 5
+    dtype: torch.dtype = torch.bfloat16
+
+    def __call__(self, batch: torch.Tensor) -> torch.Tensor:
+        rows, cols = batch.shape[-2:]
+        return newton_schulz5(batch, self.steps, self.dtype) * muon_scale(rows, cols)
+
+    def flops(self, rows: int, cols: int) -> float:
+        return float(ns_flops(rows, cols, self.steps))
+
+
 class MuonBranch:
-    """Owner-wise Newton-Schulz for a list of Muon parameters."""
+    """Owner-wise Newton-Schulz for a list of Muon parameters.
+
+    ``hsdp_mode`` ("auto", "split", "per_replica") picks how HSDP layouts share the NS work (see
+    ``amuse_dist.distributed.plan.choose_hsdp_mode``); ``wave_bytes`` bounds the owner's matrices
+    per pipelined wave; ``orthogonalizer`` replaces NS5 (benchmarks pass their own).
+    """
 
     def __init__(
         self,
@@ -71,11 +94,21 @@ class MuonBranch:
         ns_steps: int,
         ns_dtype: torch.dtype,
         replicated_group: dist.ProcessGroup | None,
+        hsdp_mode: str = "auto",
+        wave_bytes: int | None = DEFAULT_WAVE_BYTES,
+        pipeline: bool = True,
+        orthogonalizer: Orthogonalizer | None = None,
     ):
+        if hsdp_mode not in HSDP_MODES:
+            raise ValueError(f"hsdp_mode must be one of {HSDP_MODES}, got {hsdp_mode!r}")
         self.names = names
         self.ns_steps = ns_steps
         self.ns_dtype = ns_dtype
         self.replicated_group = replicated_group
+        self.hsdp_mode = hsdp_mode
+        self.wave_bytes = wave_bytes
+        self.pipeline = pipeline
+        self.orthogonalizer = orthogonalizer or NewtonSchulz(ns_steps, ns_dtype)
         self._key: tuple[int, ...] | None = None
         self._ns: OwnerwiseNewtonSchulz | None = None
 
@@ -113,7 +146,11 @@ class MuonBranch:
         key = tuple(id(p) for p in params)
         if key != self._key:
             self._ns = OwnerwiseNewtonSchulz(
-                self.tasks(params, splits), self.ns_steps, self.ns_dtype
+                self.tasks(params, splits),
+                self.orthogonalizer,
+                self.hsdp_mode,
+                self.wave_bytes,
+                self.pipeline,
             )
             self._key = key
         assert self._ns is not None

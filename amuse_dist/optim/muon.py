@@ -59,6 +59,7 @@ class Muon(Optimizer):
         ns_steps: int = _D.ns_steps,
         ns_dtype: torch.dtype = torch.bfloat16,
         process_group: dist.ProcessGroup | None = None,
+        hsdp_mode: str = "auto",
     ):
         check_range("lr", lr, 0.0, float("inf"), lo_open=True, hi_open=True)
         hparams.check(MuonHParams, locals())
@@ -76,7 +77,9 @@ class Muon(Optimizer):
         )
         groups, names = split_named(params)
         super().__init__(groups, defaults)
-        self._muon = MuonBranch(names, ns_steps, ns_dtype, default_replicated_group(process_group))
+        self._muon = MuonBranch(
+            names, ns_steps, ns_dtype, default_replicated_group(process_group), hsdp_mode=hsdp_mode
+        )
 
     @torch.no_grad()
     def step(self, closure: Callable[[], float] | None = None) -> float | None:  # type: ignore[override]
