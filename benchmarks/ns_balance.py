@@ -1,19 +1,22 @@
-"""Owner-wise Newton-Schulz at scale: load balance and exchange volume, computed (no GPU needed).
+"""Owner-wise Newton-Schulz at scale: NS load balance and exchange bytes per rank, computed.
 
-For the Muon matrices of Llama-3 8B and 70B (every hidden 2-D weight: wq, wk, wv, wo, w1, w2, w3
-per layer; embeddings, output head and norms stay on AdamW) and a range of rank counts, report:
+No GPU and no process group: for the Muon matrices of torchtitan's Llama-3 8B and 70B flavors
+(``model_shapes.llama3_muon_matrices``: the model built on the meta device) this script builds the
+optimizer's own exchange plan (``amuse_dist.distributed.plan``: owners by LPT on NS FLOPs, sources,
+batches) on synthetic layouts of each mesh and counts, per rank and optimizer step:
 
-* the NS5 FLOPs load per rank under AMUSE's owner assignment (LPT on ``ns_flops``, the same call
-  ``OwnerwiseNewtonSchulz`` makes) as max/mean, and under naive round-robin for comparison;
-* the largest single matrix's cost as a share of the mean load, a lower bound on max/mean
-  whenever it exceeds 1 (one matrix cannot be split between owners);
-* the bytes each rank sends plus receives per optimizer step for the owner-wise exchange (bf16):
-  every rank sends its FSDP shard (dim 0, torch.chunk sizes) of each matrix to the matrix's
-  owner and gets its shard of the result back, so an owner receives and sends whole matrices.
-  A rank's own shard never leaves the rank and is not counted. For reference, the per-rank volume
-  of the "replicated" scheme (all-gather every update in bf16, every rank runs NS on everything).
+* NS FLOPs: max/mean over ranks and the busiest rank's TFLOP (``NewtonSchulz.flops``);
+* bytes sent + received (bf16, own pieces not counted): the gather of pieces to owners plus the
+  return of result pieces; "replicate GiB" is the part received from another replica group, i.e.
+  what crosses the replicate (inter-node) dimension under HSDP;
+* NS runs per matrix over the job (1 in the split mode, R in HSDP's per_replica mode).
 
-Usage: python benchmarks/ns_balance.py [--ranks 8 64 256 1024] [--json PATH]
+Layouts: 1-D FSDP (Shard(0)) at 8/64/256/1024 ranks with round-robin owners and the naive
+all-gather for comparison; HSDP (Replicate, Shard(0)) at 2x8, 8x8, 16x64 in both modes; TP 8
+(Shard(0) colwise, Shard(1) for wo/w2) and FSDP+TP 8x8 (torchtitan's _StridedShard(0) + Shard(0)
+colwise, Shard(0) + Shard(1) rowwise).
+
+Usage: python benchmarks/ns_balance.py [--models 8B 70B] [--json PATH]
 """
 
 from __future__ import annotations
@@ -21,168 +24,147 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+import sys
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
+from pathlib import Path
 
-from amuse_dist.distributed.layout import chunk_sizes
-from amuse_dist.distributed.owners import assign_owners, load_per_rank, round_robin_owners
-from amuse_dist.optim.newton_schulz import ns_flops
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-BF16_BYTES = 2
+import torch  # noqa: E402
+from torch.distributed.tensor import Replicate, Shard  # noqa: E402
+from torch.distributed.tensor.placement_types import _StridedShard  # noqa: E402
 
+from amuse_dist.distributed.layout import chunk_sizes, mesh_layout  # noqa: E402
+from amuse_dist.distributed.owners import imbalance, round_robin_owners  # noqa: E402
+from amuse_dist.distributed.plan import MatrixTask, build_group_plan, traffic  # noqa: E402
+from amuse_dist.optim.base import NewtonSchulz  # noqa: E402
+from benchmarks.model_shapes import llama3_muon_matrices, tp_rowwise  # noqa: E402
 
-@dataclass(frozen=True)
-class LlamaShape:
-    name: str
-    dim: int
-    n_layers: int
-    n_heads: int
-    n_kv_heads: int
-    ffn: int
-
-    def matrices(self) -> list[tuple[int, int]]:
-        """(out, in) shapes of the Muon matrices, in model parameter order (torchtitan Llama)."""
-        kv = self.dim // self.n_heads * self.n_kv_heads
-        d, f = self.dim, self.ffn
-        layer = [(d, d), (kv, d), (kv, d), (d, d), (f, d), (d, f), (f, d)]  # wq wk wv wo w1 w2 w3
-        return layer * self.n_layers
+BF16 = 2
+NS = NewtonSchulz(5, torch.bfloat16)
 
 
-MODELS = {
-    "llama3-8b": LlamaShape("llama3-8b", 4096, 32, 32, 8, 14336),
-    "llama3-70b": LlamaShape("llama3-70b", 8192, 80, 64, 8, 28672),
-}
+def placements_for(layout: str, name: str, mesh: tuple[int, ...]) -> tuple:
+    if layout == "fsdp":
+        return (Shard(0),)
+    if layout == "hsdp":
+        return (Replicate(), Shard(0))
+    if layout == "tp":
+        return (Shard(1),) if tp_rowwise(name) else (Shard(0),)
+    if layout == "fsdp+tp":
+        if tp_rowwise(name):
+            return (Shard(0), Shard(1))
+        return (_StridedShard(0, split_factor=mesh[1]), Shard(0))
+    raise ValueError(layout)
 
 
-def exchange_bytes(
-    shapes: Sequence[tuple[int, int]], owners: Sequence[int], world_size: int, elem: int = 2
-) -> list[int]:
-    """Bytes sent + received by each rank in one owner-wise step (self-traffic excluded).
-
-    Gather: rank r sends shard_r(i) to owner(i); return: owner(i) sends shard_d(i) to each d.
-    Shards follow FSDP2's dim-0 torch.chunk layout.
-    """
-    sent = [0] * world_size
-    recv = [0] * world_size
-    for (rows, cols), owner in zip(shapes, owners, strict=True):
-        pieces = [n * cols * elem for n in chunk_sizes(rows, world_size)]
-        for r, nbytes in enumerate(pieces):
-            if r == owner:
-                continue
-            # gather: r -> owner ; return: owner -> r
-            sent[r] += nbytes
-            recv[owner] += nbytes
-            sent[owner] += nbytes
-            recv[r] += nbytes
-    return [s + r for s, r in zip(sent, recv, strict=True)]
-
-
-def allgather_bytes(shapes: Sequence[tuple[int, int]], world_size: int, elem: int = 2) -> list[int]:
-    """Bytes sent + received per rank when every rank all-gathers every update (replicated NS)."""
-    out = [0] * world_size
-    for rows, cols in shapes:
-        pieces = [n * cols * elem for n in chunk_sizes(rows, world_size)]
-        total = sum(pieces)
-        for r, nbytes in enumerate(pieces):
-            out[r] += nbytes * (world_size - 1) + (total - nbytes)  # send own to all, get others
-    return out
+def tasks_for(flavor: str, layout: str, mesh: tuple[int, ...]) -> list[MatrixTask]:
+    return [
+        MatrixTask(mesh_layout(shape, mesh, placements_for(layout, name, mesh), name))
+        for name, shape in llama3_muon_matrices(flavor)
+    ]
 
 
 @dataclass
 class Row:
     model: str
+    layout: str
+    mesh: str
+    mode: str
     ranks: int
-    matrices: int
-    total_tflop: float
-    lpt_max_over_mean: float
-    largest_share: float
-    lower_bound: float
-    rr_max_over_mean: float
-    lpt_max_tflop: float
-    lpt_bytes_mean: float
-    lpt_bytes_max: float
-    rr_bytes_mean: float
-    rr_bytes_max: float
-    allgather_bytes_mean: float
+    ns_runs_per_matrix: float
+    ns_tflop_total: float
+    ns_max_over_mean: float
+    ns_max_tflop: float
+    gib_mean: float
+    gib_max: float
+    replicate_gib_mean: float
+    note: str = ""
 
 
-def analyse(model: LlamaShape, ranks: int) -> Row:
-    shapes = model.matrices()
-    costs = [float(ns_flops(r, c)) for r, c in shapes]
-    total = sum(costs)
-    mean = total / ranks
-    lpt = assign_owners(costs, ranks)
-    rr = round_robin_owners(len(costs), ranks)
-    lpt_loads = load_per_rank(costs, lpt, ranks)
-    rr_loads = load_per_rank(costs, rr, ranks)
-    lpt_bytes = exchange_bytes(shapes, lpt, ranks, BF16_BYTES)
-    rr_bytes = exchange_bytes(shapes, rr, ranks, BF16_BYTES)
-    share = max(costs) / mean
+def analyse(flavor: str, layout: str, mesh: tuple[int, ...], mode: str = "split") -> Row:
+    tasks = tasks_for(flavor, layout, mesh)
+    plan = build_group_plan(range(len(tasks)), tasks, NS.flops, BF16, mode, None)
+    t = traffic(plan, tasks, NS.flops, BF16)
+    ranks = len(t.flops)
+    moved = [s + r for s, r in zip(t.sent, t.recv, strict=True)]
+    one_copy = sum(NS.flops(*task.layout.shape) for task in tasks)
     return Row(
-        model=model.name,
+        model=f"llama3-{flavor.lower()}",
+        layout=layout,
+        mesh="x".join(map(str, mesh)),
+        mode=plan.mode,
         ranks=ranks,
-        matrices=len(shapes),
-        total_tflop=total / 1e12,
-        lpt_max_over_mean=max(lpt_loads) / mean,
-        largest_share=share,
-        lower_bound=max(1.0, share),
-        rr_max_over_mean=max(rr_loads) / mean,
-        lpt_max_tflop=max(lpt_loads) / 1e12,
-        lpt_bytes_mean=statistics.fmean(lpt_bytes),
-        lpt_bytes_max=float(max(lpt_bytes)),
-        rr_bytes_mean=statistics.fmean(rr_bytes),
-        rr_bytes_max=float(max(rr_bytes)),
-        allgather_bytes_mean=statistics.fmean(allgather_bytes(shapes, ranks, BF16_BYTES)),
+        ns_runs_per_matrix=statistics.fmean(t.ns_runs.values()),
+        ns_tflop_total=sum(t.flops) / 1e12,
+        ns_max_over_mean=max(t.flops) / (one_copy / ranks),
+        ns_max_tflop=max(t.flops) / 1e12,
+        gib_mean=statistics.fmean(moved) / 2**30,
+        gib_max=max(moved) / 2**30,
+        replicate_gib_mean=statistics.fmean(t.replicate_bytes) / 2**30,
     )
 
 
-def gib(n: float) -> str:
-    return f"{n / 2**30:.2f}"
+def fsdp_extras(flavor: str, ranks: int) -> str:
+    """Round-robin max/mean and the naive all-gather's GiB per rank, for the FSDP rows."""
+    shapes = [s for _, s in llama3_muon_matrices(flavor)]
+    costs = [NS.flops(*s) for s in shapes]
+    rr = imbalance(costs, round_robin_owners(len(costs), ranks), ranks)
+    gathered = 0.0  # mean over ranks of: own piece sent to every other rank + the rest received
+    for rows, cols in shapes:
+        pieces = [n * cols * BF16 for n in chunk_sizes(rows, ranks)]
+        gathered += sum(p * (ranks - 1) + sum(pieces) - p for p in pieces) / ranks
+    return f"RR {rr:.3f}; all-gather {gathered / 2**30:.2f} GiB"
+
+
+def rows_for(flavors: Sequence[str]) -> list[Row]:
+    rows = []
+    for flavor in flavors:
+        for ranks in (8, 64, 256, 1024):
+            row = analyse(flavor, "fsdp", (ranks,))
+            row.note = fsdp_extras(flavor, ranks)
+            rows.append(row)
+        for mesh in ((2, 8), (8, 8), (16, 64)):
+            for mode in ("split", "per_replica"):
+                rows.append(analyse(flavor, "hsdp", mesh, mode))
+        rows.append(analyse(flavor, "tp", (8,)))
+        rows.append(analyse(flavor, "fsdp+tp", (8, 8)))
+    return rows
 
 
 def table(rows: Sequence[Row]) -> str:
     head = (
-        "| model | ranks | mats | NS TFLOP/step | LPT max/mean | largest/mean | RR max/mean "
-        "| LPT max TFLOP/rank | LPT GiB/rank mean | LPT GiB/rank max | RR GiB/rank mean "
-        "| RR GiB/rank max | all-gather GiB/rank |"
+        "| model | layout | mesh | mode | NS runs/matrix | NS max/mean | NS max TFLOP/rank "
+        "| GiB/rank mean | GiB/rank max | replicate GiB/rank | note |"
     )
-    lines = [head, "|" + "---|" * head.count(" | ") + "---|"]
+    lines = [head, "|" + "---|" * 11]
     for r in rows:
         lines.append(
-            f"| {r.model} | {r.ranks} | {r.matrices} | {r.total_tflop:.1f} "
-            f"| {r.lpt_max_over_mean:.3f} | {r.largest_share:.3f} | {r.rr_max_over_mean:.3f} "
-            f"| {r.lpt_max_tflop:.3f} | {gib(r.lpt_bytes_mean)} | {gib(r.lpt_bytes_max)} "
-            f"| {gib(r.rr_bytes_mean)} | {gib(r.rr_bytes_max)} | {gib(r.allgather_bytes_mean)} |"
+            f"| {r.model} | {r.layout} | {r.mesh} | {r.mode} | {r.ns_runs_per_matrix:.0f} "
+            f"| {r.ns_max_over_mean:.3f} | {r.ns_max_tflop:.2f} | {r.gib_mean:.2f} "
+            f"| {r.gib_max:.2f} | {r.replicate_gib_mean:.2f} | {r.note} |"
         )
     return "\n".join(lines)
 
 
 NOTE = (
-    "Note: a matrix is orthogonalized whole on one owner, so max/mean >= max(1, largest/mean).\n"
-    "When ranks > matrices some ranks own nothing and max/mean is bounded below by the largest\n"
-    "matrix's share of the mean load (largest/mean), however good the assignment.\n"
-    "Bytes: bf16, per optimizer step, sent + received by one rank, own shard not counted;\n"
-    "owner-wise = gather shards to owners + return result shards; all-gather = the replicated\n"
-    "scheme's update all-gather (every rank then runs NS on every matrix)."
+    "NS max/mean: busiest rank's NS FLOPs over (one copy of every matrix's FLOPs / ranks), so\n"
+    "per_replica's R-fold repeated NS shows as R x. A matrix runs whole on one owner: max/mean >=\n"
+    "largest matrix / mean once ranks approach the matrix count. GiB: bf16, per step, sent +\n"
+    "received per rank, own pieces not counted; replicate GiB: received from another replica group."
 )
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--ranks", type=int, nargs="+", default=[8, 64, 256, 1024])
-    parser.add_argument("--models", nargs="+", choices=sorted(MODELS), default=list(MODELS))
+    parser.add_argument("--models", nargs="+", default=["8B", "70B"])
     parser.add_argument("--json", metavar="PATH", help="also write the rows as JSON")
     args = parser.parse_args()
-    rows = [analyse(MODELS[m], n) for m in args.models for n in args.ranks]
+    rows = rows_for(args.models)
     print(table(rows))
     print()
     print(NOTE)
-    for r in rows:
-        if r.ranks > r.matrices:
-            print(
-                f"  {r.model} at {r.ranks} ranks: {r.ranks} ranks > {r.matrices} matrices, "
-                f"LPT max/mean {r.lpt_max_over_mean:.3f} vs bound {r.lower_bound:.3f}"
-            )
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"rows": [asdict(r) for r in rows], "note": NOTE}, f, indent=2)

@@ -1,7 +1,7 @@
 """Run under torchrun (gloo): train the toy model with a distributed optimizer, save what happened.
 
 Modes: "fsdp" (fully_shard on every submodule and the root), "replicated" (plain tensors, gradients
-all-reduced by hand as DDP would), "refuse" (HSDP and TP layouts must be refused by name).
+all-reduced by hand as DDP would), "refuse" (a Partial layout must be refused by name).
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ import torch
 import torch.distributed as dist
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import fully_shard
-from torch.distributed.tensor import DTensor, Shard, distribute_tensor
+from torch.distributed.tensor import DTensor, Partial
 
 from amuse_dist import AMUSE, Muon, param_groups
 from amuse_dist.titan.launch import leave_process_group
@@ -82,25 +82,17 @@ def x_by_name(model: torch.nn.Module, opt: AMUSE) -> dict[str, torch.Tensor]:
 
 
 def refuse() -> dict:
+    """A Partial parameter (a pending reduction) cannot be cut into pieces: refused by name."""
     errors = {}
     ws = dist.get_world_size()
-    mesh2d = init_device_mesh("cpu", (1, ws), mesh_dim_names=("dp_replicate", "dp_shard"))
-    model = make_model().double()
-    fully_shard(model.up, mesh=mesh2d)
-    opt = AMUSE([{"params": [("up.weight", model.up.weight)], "use_muon": True}], **HP)
-    model.up.weight.grad = torch.zeros_like(model.up.weight)
-    try:
-        opt.step()
-    except ValueError as e:
-        errors["hsdp"] = str(e)
-    tp = init_device_mesh("cpu", (ws,), mesh_dim_names=("tp",))
-    w = torch.nn.Parameter(distribute_tensor(torch.randn(8, 8), tp, [Shard(1)]))
+    mesh = init_device_mesh("cpu", (ws,), mesh_dim_names=("dp_shard",))
+    w = torch.nn.Parameter(DTensor.from_local(torch.randn(8, 8), mesh, [Partial()]))
     w.grad = torch.zeros_like(w)
     opt = AMUSE([{"params": [("layers.0.attention.wq.weight", w)], "use_muon": True}], **HP)
     try:
         opt.step()
     except ValueError as e:
-        errors["tp"] = str(e)
+        errors["partial"] = str(e)
     return errors
 
 

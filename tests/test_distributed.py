@@ -11,10 +11,16 @@ from pathlib import Path
 
 import pytest
 import torch
+from torch.distributed.tensor import Replicate, Shard
+from torch.distributed.tensor.placement_types import _StridedShard
 
 from amuse_dist import AMUSE, Muon, param_groups
+from amuse_dist.distributed.layout import mesh_layout
 from amuse_dist.distributed.owners import assign_owners, imbalance, round_robin_owners
+from amuse_dist.distributed.plan import MatrixTask, build_group_plan, traffic
+from amuse_dist.optim.base import NewtonSchulz
 from amuse_dist.optim.newton_schulz import ns_flops
+from benchmarks.model_shapes import llama3_muon_shapes
 from tests._titan import run_worker
 from tests.toy import HP, batch, loss_fn, make_model, rel
 
@@ -24,14 +30,14 @@ N_MUON = 4  # up, mid, tiny, back
 
 
 @functools.cache
-def single_process(optimizer: str, exact_x: bool = False) -> dict:
+def single_process(optimizer: str, exact_x: bool = False, steps: int = STEPS) -> dict:
     model = make_model().double()
     if optimizer == "amuse":
         opt = AMUSE(param_groups(model), ns_dtype=torch.float32, exact_x=exact_x, **HP)
     else:
         opt = Muon(param_groups(model), lr=0.01, weight_decay=0.05, ns_dtype=torch.float32)
     losses = []
-    for step in range(STEPS):
+    for step in range(steps):
         loss = loss_fn(model, *batch(step))
         loss.backward()
         opt.step()
@@ -57,8 +63,10 @@ def tmp_dir(tmp_path_factory: pytest.TempPathFactory) -> str:
     return str(tmp_path_factory.mktemp("dist"))
 
 
-def check_against_single(ranks: list, optimizer: str, exact_x: bool = False) -> None:
-    ref = single_process(optimizer, exact_x)
+def check_against_single(
+    ranks: list, optimizer: str, exact_x: bool = False, steps: int = STEPS
+) -> None:
+    ref = single_process(optimizer, exact_x, steps)
     got = ranks[0]
     for name, p in ref["params"].items():
         assert rel(got["params"][name], p) <= 1e-5, (name, rel(got["params"][name], p))
@@ -105,16 +113,98 @@ def test_fsdp_muon_matches_single_process(nproc: int, tmp_dir: str) -> None:
     check_against_single(_run("fsdp", nproc, "muon", False, tmp_dir), "muon")
 
 
-def test_hsdp_and_tp_are_refused_by_name(tmp_dir: str) -> None:
-    errors = _run("refuse", 2, "amuse", False, tmp_dir)[0]
-    assert "up.weight" in errors["hsdp"] and "HSDP" in errors["hsdp"]
-    assert "layers.0.attention.wq.weight" in errors["tp"] and "tensor parallel" in errors["tp"]
+def test_partial_is_refused_by_name(tmp_dir: str) -> None:
+    error = _run("refuse", 2, "amuse", False, tmp_dir)[0]["partial"]
+    assert "layers.0.attention.wq.weight" in error and "Partial" in error
+
+
+def test_interleaved_strided_shard_is_refused_by_name() -> None:
+    # S(0) then _StridedShard(0, sf=2) gives mesh rank (0, 0) rows {0, 2}: not a rectangle
+    with pytest.raises(ValueError, match="'w1'.*non-contiguous"):
+        mesh_layout((8, 4), (2, 2), (Shard(0), _StridedShard(0, split_factor=2)), "w1")
+
+
+# ------------------------------------------------------------------ every mesh layout, 4 ranks
+MESH_WORKER = Path(__file__).parent / "mesh_worker.py"
+MESH_STEPS = 10
+LAYOUTS = ["fsdp", "hsdp", "tp", "fsdp_tp", "hsdp_per_replica"]
+
+
+@pytest.fixture(scope="module")
+def meshes(tmp_dir: str) -> list:
+    """One torchrun: AMUSE and Muon on 1-D FSDP 4, HSDP 2x2 (both modes), TP 4, FSDP+TP 2x2."""
+    out = Path(tmp_dir) / "meshes.pt"
+    return run_worker(MESH_WORKER, 4, ["--suite", "meshes", "--steps", str(MESH_STEPS)], out)
+
+
+@pytest.mark.parametrize("optimizer", ["amuse", "muon"])
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_mesh_layouts_match_single_process(meshes: list, layout: str, optimizer: str) -> None:
+    ranks = [r[f"{layout}/{optimizer}"] for r in meshes]
+    check_against_single(ranks, optimizer, steps=MESH_STEPS)
+    expected = {
+        "fsdp": "(Shard(dim=0),)",
+        "hsdp": "(Replicate(), Shard(dim=0))",
+        "hsdp_per_replica": "(Replicate(), Shard(dim=0))",
+        "tp": "(Shard(dim=0),)",
+        "fsdp_tp": "(_StridedShard(dim=0, sf=2), Shard(dim=0))",
+    }[layout]
+    assert ranks[0]["placements"]["up.weight"] == expected
+    # uneven pieces (13 rows, 4 ranks) and fewer rows than ranks (tiny: 3 rows) are in the model
+    assert ranks[0]["params"]["tiny.weight"].shape[0] < 4
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_ns_runs_per_matrix_over_the_job(meshes: list, layout: str) -> None:
+    once = 2 if layout == "hsdp_per_replica" else 1  # per_replica: once per replica group
+    for optimizer in ("amuse", "muon"):
+        ranks = [r[f"{layout}/{optimizer}"] for r in meshes]
+        for step in range(MESH_STEPS):
+            done = sorted(i for r in ranks for i in r["ns_logs"][step])
+            assert done == sorted(list(range(N_MUON)) * once), (layout, step, done)
+
+
+def test_pipelined_waves_equal_unpipelined_bitwise(tmp_dir: str) -> None:
+    out = Path(tmp_dir) / "pipeline.pt"
+    ranks = run_worker(MESH_WORKER, 3, ["--suite", "pipeline", "--steps", "10"], out)
+    piped, flat = ranks[0]["pipeline=True"], ranks[0]["pipeline=False"]
+    assert piped["waves"][0] >= 2 and flat["waves"] == [1]  # waves: most matrices on an owner
+    for key in ("params", "x"):
+        for name, t in flat[key].items():
+            assert torch.equal(piped[key][name], t), (key, name)
+    assert piped["losses"] == flat["losses"]
+
+
+# ------------------------------------------------------------------ plans at scale (no processes)
+def hsdp_tasks(mesh: tuple[int, int]) -> list[MatrixTask]:
+    shapes = llama3_muon_shapes("8B")
+    return [MatrixTask(mesh_layout(s, mesh, (Replicate(), Shard(0)))) for s in shapes]
+
+
+def test_hsdp_split_8b_at_2x8_balanced_and_each_matrix_once() -> None:
+    ns = NewtonSchulz(5, torch.bfloat16)
+    tasks = hsdp_tasks((2, 8))
+    plan = build_group_plan(range(len(tasks)), tasks, ns.flops, 2, "split", None)
+    t = traffic(plan, tasks, ns.flops, 2)
+    assert sorted(t.ns_runs) == list(range(224)) and set(t.ns_runs.values()) == {1}
+    assert max(t.flops) / (sum(t.flops) / 16) <= 1.10
+    # every piece reaches every replica, and the gather stays inside the owner's replica group
+    assert all(src // 8 == job.owner // 8 for job in plan.jobs for src, _ in job.sources)
+    assert plan.mode == "split"
+    per = build_group_plan(range(len(tasks)), tasks, ns.flops, 2, "per_replica", None)
+    assert set(traffic(per, tasks, ns.flops, 2).ns_runs.values()) == {2}
+
+
+def test_hsdp_default_mode_follows_the_cost_model() -> None:
+    ns = NewtonSchulz(5, torch.bfloat16)
+    tasks = hsdp_tasks((2, 8))
+    assert build_group_plan(range(224), tasks, ns.flops, 2, "auto", None).mode == "split"
+    small = [MatrixTask(mesh_layout((64, 64), (2, 2), (Replicate(), Shard(0))))] * 3
+    assert build_group_plan(range(3), small, ns.flops, 2, "auto", None).mode == "per_replica"
 
 
 def llama3_8b_shapes() -> list[tuple[int, int]]:
-    dim, kv, ffn = 4096, 1024, 14336
-    layer = [(dim, dim), (kv, dim), (kv, dim), (dim, dim), (ffn, dim), (dim, ffn), (ffn, dim)]
-    return layer * 32
+    return llama3_muon_shapes("8B")
 
 
 def test_owner_balance_llama3_8b_at_8_ranks() -> None:

@@ -107,7 +107,10 @@ def _dim_indices(
 
 @functools.lru_cache(maxsize=256)
 def mesh_pieces(
-    shape: tuple[int, int], mesh_shape: tuple[int, ...], placements: tuple[Placement, ...], name: str
+    shape: tuple[int, int],
+    mesh_shape: tuple[int, ...],
+    placements: tuple[Placement, ...],
+    name: str,
 ) -> tuple[Piece, ...]:
     """Piece at every mesh coordinate (row-major order of the mesh) for a 2-D DTensor layout.
 
@@ -155,6 +158,33 @@ def mesh_pieces(
         (r0, h), (c0, w) = span
         pieces.append(Piece(r0, c0, h, w))
     return tuple(pieces)
+
+
+def _replica_ids(mesh_shape: tuple[int, ...], placements) -> list[int]:
+    """Replica number of every mesh coordinate (row-major): its coordinate on Replicate dims."""
+    rep_dims = [m for m, p in enumerate(placements) if isinstance(p, Replicate)]
+    out = []
+    for flat in range(math.prod(mesh_shape)):
+        coord, rest = [], flat
+        for n in reversed(mesh_shape):
+            coord.append(rest % n)
+            rest //= n
+        coord.reverse()
+        rep = 0
+        for m in rep_dims:
+            rep = rep * mesh_shape[m] + coord[m]
+        out.append(rep)
+    return out
+
+
+def mesh_layout(
+    shape: tuple[int, int], mesh_shape: tuple[int, ...], placements, name: str = "matrix"
+) -> Layout:
+    """The layout a DTensor with ``placements`` on a mesh of ``mesh_shape`` would have, seen
+    from mesh rank 0, without a process group: for plans and cost models at any scale."""
+    pieces = mesh_pieces(tuple(shape), tuple(mesh_shape), tuple(placements), name)
+    replica = _replica_ids(tuple(mesh_shape), placements)
+    return Layout(tuple(shape), None, 0, pieces, tuple(replica), "model")
 
 
 def _mesh_kind(mesh_shape, placements, names) -> str:
@@ -233,27 +263,15 @@ def layout_of(
         )
     if sum(p.numel for p in set(pieces_by_coord)) != shape[0] * shape[1]:
         raise _refuse(name, f"placements {placements} do not tile the matrix into pieces")
-    # replica number: the coordinate on the Replicate mesh dims
-    rep_dims = [m for m, p in enumerate(placements) if isinstance(p, Replicate)]
     names = mesh.mesh_dim_names or (None,) * mesh.ndim
     kind = _mesh_kind(mesh_shape, placements, names)
     if math.prod(mesh_shape) == 1:
         return Layout(shape, None, 0, (whole,), (0,), "single")
     group, order = mesh_group(mesh, name)
     flat_of_rank = {int(r): i for i, r in enumerate(mesh.mesh.flatten().tolist())}
-    pieces, replica = [], []
-    for global_rank in order:
-        flat = flat_of_rank[global_rank]
-        pieces.append(pieces_by_coord[flat])
-        c, rest = [], flat
-        for n in reversed(mesh_shape):
-            c.append(rest % n)
-            rest //= n
-        c.reverse()
-        rep = 0
-        for m in rep_dims:
-            rep = rep * mesh_shape[m] + c[m]
-        replica.append(rep)
+    replica_of = _replica_ids(mesh_shape, placements)
+    pieces = [pieces_by_coord[flat_of_rank[r]] for r in order]
+    replica = [replica_of[flat_of_rank[r]] for r in order]
     return Layout(
         shape,
         group,

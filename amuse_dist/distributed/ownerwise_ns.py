@@ -74,7 +74,9 @@ def orthogonalize_full(
         by_sig[(tuple(m.shape), tuple(s))].append(i)
     out: list[torch.Tensor | None] = [None] * len(mats)
     for (_, s), members in by_sig.items():
-        result = orthogonalize_batch(torch.stack([mats[i].to(orth.dtype) for i in members]), s, orth)
+        result = orthogonalize_batch(
+            torch.stack([mats[i].to(orth.dtype) for i in members]), s, orth
+        )
         for k, i in enumerate(members):
             out[i] = result[k]
     return out  # type: ignore[return-value]
@@ -163,13 +165,17 @@ def _rank_waves(plan: GroupPlan, tasks: Sequence[MatrixTask], me: int) -> list[_
         out.append(
             _RankWave(
                 send_tasks=[t for d in range(ws) for t in send[d]],
-                send_splits=[sum(tasks[t].layout.pieces[me].numel for t in send[d]) for d in range(ws)],
+                send_splits=[
+                    sum(tasks[t].layout.pieces[me].numel for t in send[d]) for d in range(ws)
+                ],
                 recv_sizes=recv_sizes,
                 recv_splits=[sum(p.numel for _, _, p in recv[s]) for s in range(ws)],
                 batches=batches,
                 ret_send=[x for d in range(ws) for x in ret_send[d]],
                 ret_send_splits=[sum(p.numel for _, _, p in ret_send[d]) for d in range(ws)],
-                ret_recv=[(t, tasks[t].layout.pieces[me].shape) for s in range(ws) for t in ret_recv[s]],
+                ret_recv=[
+                    (t, tasks[t].layout.pieces[me].shape) for s in range(ws) for t in ret_recv[s]
+                ],
                 ret_recv_splits=[
                     sum(tasks[t].layout.pieces[me].numel for t in ret_recv[s]) for s in range(ws)
                 ],

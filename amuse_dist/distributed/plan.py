@@ -112,8 +112,10 @@ def choose_hsdp_mode(
     """
     if numel == 0:
         return "split"
-    return "split" if flops / ns_flops_per_s > elem_bytes * numel / replicate_bytes_per_s else (
-        "per_replica"
+    return (
+        "split"
+        if flops / ns_flops_per_s > elem_bytes * numel / replicate_bytes_per_s
+        else ("per_replica")
     )
 
 
@@ -237,7 +239,9 @@ def plan_waves(
     n = max((len(w) for w in owner_waves.values()), default=0)
     out: list[list[Batch]] = []
     for k in range(n):
-        out.append([b for o in sorted(owner_waves) if k < len(owner_waves[o]) for b in owner_waves[o][k]])
+        out.append(
+            [b for o in sorted(owner_waves) if k < len(owner_waves[o]) for b in owner_waves[o][k]]
+        )
     return out
 
 
