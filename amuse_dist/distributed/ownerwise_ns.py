@@ -24,6 +24,8 @@ from typing import Protocol
 
 import torch
 import torch.distributed as dist
+from torch._C._nn import flatten_dense_tensors as flatten
+from torch._C._nn import unflatten_dense_tensors as unflatten
 
 from amuse_dist.distributed.layout import Piece
 from amuse_dist.distributed.plan import (
@@ -99,11 +101,15 @@ class _RankWave:
     recv_sizes: list[int]  # per received piece, source-major
     recv_splits: list[int]
     batches: list[_BatchSteps]
-    ret_send: list[tuple[int, int, Piece]]  # (batch, position, piece), destination-major
+    # result pieces, per owned (batch, position): its distinct served pieces in (row, col) order and
+    # whether they are full-width row blocks tiling the matrix (then one split cuts them all)
+    ret_pieces: list[tuple[int, int, list[Piece], bool]]
+    ret_send: list[int]  # index into the flattened ret_pieces, destination-major
     ret_send_splits: list[int]
     ret_recv: list[tuple[int, tuple[int, int]]]  # (task, local shape), source-major
     ret_recv_splits: list[int]
-    own: list[tuple[int, int, int, Piece]]  # (batch, position, task, piece) kept by the owner
+    direct_in: bool = False  # the receive buffer is the (single-matrix) NS batch
+    direct_out: bool = False  # the (single-matrix) result is the send buffer
 
 
 def _rank_waves(plan: GroupPlan, tasks: Sequence[MatrixTask], me: int) -> list[_RankWave]:
@@ -114,38 +120,51 @@ def _rank_waves(plan: GroupPlan, tasks: Sequence[MatrixTask], me: int) -> list[_
         recv: list[list[tuple[int, int, Piece]]] = [[] for _ in range(ws)]
         ret_send: list[list[tuple[int, int, Piece]]] = [[] for _ in range(ws)]
         ret_recv: list[list[int]] = [[] for _ in range(ws)]
-        own: list[tuple[int, int, int, Piece]] = []
         mine: list[tuple[int, _BatchSteps]] = []
+        mine_jobs: list[list] = []
         for b in wave:
             if b.owner == me:
                 steps = _BatchSteps(b.signature, [j.task for j in b.jobs], [], [])
                 mine.append((len(mine), steps))
+                mine_jobs.append(b.jobs)
+            # a rank's own pieces go through the collective too (a self-copy of 1/W of the
+            # matrix): then an owner of one row-blocked matrix receives it whole, in place
             for pos, job in enumerate(b.jobs):
                 layout = tasks[job.task].layout
+                for src, _ in job.sources:
+                    if src == me:
+                        send[job.owner].append(job.task)
+                if me in job.served and layout.pieces[me].numel:
+                    ret_recv[job.owner].append(job.task)
                 if job.owner == me:
                     bi = len(mine) - 1
                     parts = []
                     for src, piece in job.sources:
-                        if src == me:
-                            parts.append((piece, -1, job.task))
-                        else:
-                            recv[src].append((bi, pos, piece))
-                            parts.append((piece, -2, -1))  # recv index filled below
+                        recv[src].append((bi, pos, piece))
+                        parts.append((piece, -2, -1))  # recv index filled below
                     mine[bi][1].parts.append(parts)
                     for g in job.served:
                         piece = layout.pieces[g]
-                        if not piece.numel:
-                            continue
-                        if g == me:
-                            own.append((bi, pos, job.task, piece))
-                        else:
+                        if piece.numel:
                             ret_send[g].append((bi, pos, piece))
-                else:
-                    for src, _ in job.sources:
-                        if src == me:
-                            send[job.owner].append(job.task)
-                    if me in job.served and layout.pieces[me].numel:
-                        ret_recv[job.owner].append(job.task)
+        # result pieces of the owned matrices, each distinct piece once
+        ret_pieces: list[tuple[int, int, list[Piece], bool]] = []
+        piece_at: dict[tuple[int, int, int, int], int] = {}
+        for bi, steps in mine:
+            rows, cols, _ = steps.signature
+            for pos, task in enumerate(steps.tasks):
+                job = mine_jobs[bi][pos]
+                layout = tasks[task].layout
+                distinct = sorted(
+                    {layout.pieces[g] for g in job.served if layout.pieces[g].numel},
+                    key=lambda p: (p.row, p.col),
+                )
+                tiled = all(p.full_width(cols) for p in distinct) and [p.row for p in distinct] == [
+                    sum(q.rows for q in distinct[:k]) for k in range(len(distinct))
+                ]
+                for p in distinct:
+                    piece_at[(bi, pos, p.row, p.col)] = len(piece_at)
+                ret_pieces.append((bi, pos, distinct, tiled))
         # received pieces are numbered source-major, the order all_to_all_single lays them out
         index: dict[tuple[int, int, int, int], int] = {}
         recv_sizes = []
@@ -153,6 +172,18 @@ def _rank_waves(plan: GroupPlan, tasks: Sequence[MatrixTask], me: int) -> list[_
             for bi, pos, piece in recv[s]:
                 index[(bi, pos, piece.row, piece.col)] = len(recv_sizes)
                 recv_sizes.append(piece.numel)
+        # one owned matrix whose pieces arrive (leave) in row order: the receive buffer is the
+        # NS batch buffer (the result is the send buffer), no assembly copy
+        single = len(mine) == 1 and len(mine[0][1].tasks) == 1
+        received = [p for s_ in range(ws) for _, _, p in recv[s_]]
+        leaving = [p for d in range(ws) for _, _, p in ret_send[d]]
+        direct_in = single and ret_pieces[0][3] and received == ret_pieces[0][2]
+        direct_out = single and ret_pieces[0][3] and leaving == ret_pieces[0][2]
+        direct_in = (
+            direct_in
+            and sum(p.numel for p in received)
+            == mine[0][1].signature[0] * (mine[0][1].signature[1])
+        )
         batches = []
         for bi, steps in mine:
             for pos, parts in enumerate(steps.parts):
@@ -171,7 +202,10 @@ def _rank_waves(plan: GroupPlan, tasks: Sequence[MatrixTask], me: int) -> list[_
                 recv_sizes=recv_sizes,
                 recv_splits=[sum(p.numel for _, _, p in recv[s]) for s in range(ws)],
                 batches=batches,
-                ret_send=[x for d in range(ws) for x in ret_send[d]],
+                ret_pieces=ret_pieces,
+                ret_send=[
+                    piece_at[(b, pos, p.row, p.col)] for d in range(ws) for b, pos, p in ret_send[d]
+                ],
                 ret_send_splits=[sum(p.numel for _, _, p in ret_send[d]) for d in range(ws)],
                 ret_recv=[
                     (t, tasks[t].layout.pieces[me].shape) for s in range(ws) for t in ret_recv[s]
@@ -179,7 +213,8 @@ def _rank_waves(plan: GroupPlan, tasks: Sequence[MatrixTask], me: int) -> list[_
                 ret_recv_splits=[
                     sum(tasks[t].layout.pieces[me].numel for t in ret_recv[s]) for s in range(ws)
                 ],
-                own=own,
+                direct_in=direct_in,
+                direct_out=direct_out,
             )
         )
     return out
@@ -278,6 +313,8 @@ class OwnerwiseNewtonSchulz:
         comm = group is not None
 
         def a2a(send: torch.Tensor, in_splits: list[int], out_splits: list[int]):
+            if not comm:  # one rank: everything it sends is what it receives
+                return send, None, send
             recv = torch.empty(sum(out_splits), dtype=dtype, device=device)
             work = None
             if comm:
@@ -287,19 +324,20 @@ class OwnerwiseNewtonSchulz:
             return recv, work, send
 
         def start_gather(w: _RankWave):
-            parts = [updates[t].reshape(-1) for t in w.send_tasks]
-            send = torch.empty(sum(w.send_splits), dtype=dtype, device=device)
-            if parts:
-                torch.cat(parts, out=send)
+            if w.send_tasks:  # one C++ call flattens and concatenates the local pieces
+                send = flatten([updates[t] for t in w.send_tasks]).to(dtype)
+            else:
+                send = torch.empty(0, dtype=dtype, device=device)
             return a2a(send, w.send_splits, w.recv_splits)
 
         def finish_return(w: _RankWave, handle) -> None:
             recv, work, _ = handle
             if work is not None:
                 work.wait()
-            views = recv.split([shape[0] * shape[1] for _, shape in w.ret_recv])
-            for (t, shape), v in zip(w.ret_recv, views, strict=True):
-                out[t] = v.view(shape)
+            if w.ret_recv:
+                views = unflatten(recv, [updates[t] for t, _ in w.ret_recv])
+                for (t, _), v in zip(w.ret_recv, views, strict=True):
+                    out[t] = v
 
         gathers: list = [None] * len(waves)
         if waves:
@@ -314,9 +352,15 @@ class OwnerwiseNewtonSchulz:
             gathers[k] = None
             if work is not None:
                 work.wait()
-            views = recv.split(w.recv_sizes) if w.recv_sizes else ()
+            views = recv.split(w.recv_sizes) if w.recv_sizes and not w.direct_in else ()
             results = []
             for steps in w.batches:
+                if w.direct_in:
+                    rows, cols, splits = steps.signature
+                    results.append(orthogonalize_batch(recv.view(1, rows, cols), splits, self.orth))
+                    self.owned_log.extend(ids[t] for t in steps.tasks)
+                    self.matrices_done += len(steps.tasks)
+                    continue
                 rows, cols, splits = steps.signature
                 buf = torch.empty((len(steps.tasks), rows, cols), dtype=dtype, device=device)
                 for pos, parts in enumerate(steps.parts):
@@ -333,16 +377,23 @@ class OwnerwiseNewtonSchulz:
                 self.owned_log.extend(ids[t] for t in steps.tasks)
                 self.matrices_done += len(steps.tasks)
             del views, recv
-            pieces = [
-                results[b][pos, p.row : p.row + p.rows, p.col : p.col + p.cols].reshape(-1)
-                for b, pos, p in w.ret_send
-            ]
-            send = torch.empty(sum(w.ret_send_splits), dtype=dtype, device=device)
-            if pieces:
-                torch.cat(pieces, out=send)
-            for b, pos, t, p in w.own:
-                out[t] = results[b][pos, p.row : p.row + p.rows, p.col : p.col + p.cols].clone()
-            del results, pieces
+            flat: list[torch.Tensor] = []
+            for b, pos, distinct, tiled in [] if w.direct_out else w.ret_pieces:
+                mat = results[b][pos]
+                if tiled:
+                    flat.extend(mat.view(-1).split([p.numel for p in distinct]))
+                else:
+                    flat.extend(
+                        mat[p.row : p.row + p.rows, p.col : p.col + p.cols].reshape(-1)
+                        for p in distinct
+                    )
+            if w.direct_out:
+                send = results[0].reshape(-1)
+            else:
+                send = torch.empty(sum(w.ret_send_splits), dtype=dtype, device=device)
+                if w.ret_send:
+                    torch.cat([flat[i] for i in w.ret_send], out=send)
+            del results, flat
             handle = a2a(send, w.ret_send_splits, w.ret_recv_splits)
             if previous is not None:
                 finish_return(*previous)

@@ -29,7 +29,7 @@ NS_FLOPS_PER_S = 400e12
 REPLICATE_BYTES_PER_S = 25e9
 
 # Default wave size: bytes (NS dtype) of whole matrices one owner handles per wave.
-DEFAULT_WAVE_BYTES = 256 * 2**20
+DEFAULT_WAVE_BYTES = 128 * 2**20
 
 
 @dataclass(frozen=True)
