@@ -286,3 +286,16 @@ def layout_of(
 def local_view(t: torch.Tensor) -> torch.Tensor:
     """The rank-local tensor behind ``t`` (a DTensor's shard, or ``t`` itself)."""
     return t.to_local() if isinstance(t, DTensor) else t
+
+
+def replication(t: torch.Tensor) -> int:
+    """How many ranks of ``t``'s mesh hold each of its elements (product of Replicate dims).
+
+    Divide a sum over ranks of local values by this to count each element once (HSDP: R; FSDP,
+    TP, FSDP+TP: 1). Plain tensors: 1 (the caller knows its replicated group).
+    """
+    if not isinstance(t, DTensor):
+        return 1
+    mesh_shape = tuple(t.device_mesh.shape)
+    pairs = zip(mesh_shape, t.placements, strict=True)
+    return math.prod(n for n, p in pairs if isinstance(p, Replicate))
