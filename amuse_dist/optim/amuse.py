@@ -18,6 +18,7 @@ from torch.distributed.tensor import DTensor, Shard
 from torch.optim import Optimizer
 
 from amuse_dist.distributed.layout import local_view
+from amuse_dist.distributed.plan import HSDP_MODES
 from amuse_dist.optim import hparams
 from amuse_dist.optim.base import MuonBranch, check_range, default_replicated_group, split_named
 from amuse_dist.optim.hparams import hparam
@@ -55,6 +56,10 @@ class AmuseHParams:
     """Newton-Schulz iterations, >= 1."""
     exact_x: bool = hparam(False, on_resume="refuse")
     """Recover X with the beta that built Y (exact) instead of beta_t (reference code)."""
+    hsdp_mode: str = hparam("auto", choices=HSDP_MODES)
+    """HSDP: "split" orthogonalizes each matrix once per job (matrices split across replica
+    groups), "per_replica" once per replica group (no cross-replica traffic), "auto" picks by
+    the cost model in docs/distributed.md."""
 
 
 @dataclass
@@ -109,7 +114,7 @@ class AMUSE(Optimizer):
         exact_x: bool = _D.exact_x,
         ns_dtype: torch.dtype = torch.bfloat16,
         process_group: dist.ProcessGroup | None = None,
-        hsdp_mode: str = "auto",
+        hsdp_mode: str = _D.hsdp_mode,
     ):
         defaults = dict(
             lr=lr,

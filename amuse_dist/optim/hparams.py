@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 RANGE = "amuse_range"
+CHOICES = "amuse_choices"
 RESUME = "amuse_resume"
 
 # How a resume treats a changed value: applied from the next step, or refused (the saved state
@@ -63,14 +64,15 @@ def hparam(
     lo_open: bool = False,
     hi_open: bool = False,
     integer: bool = False,
+    choices: tuple[str, ...] = (),
     on_resume: OnResume = "apply",
 ) -> Any:
-    """A dataclass field with its valid range and its resume rule (document it with a docstring
-    below the field, as torchtitan's config does)."""
+    """A dataclass field with its valid range (or string ``choices``) and its resume rule
+    (document it with a docstring below the field, as torchtitan's config does)."""
     rng = None
     if integer or lo != -math.inf or hi != math.inf:
         rng = Range(lo, hi, lo_open, hi_open, integer)
-    return field(default=default, metadata={RANGE: rng, RESUME: on_resume})
+    return field(default=default, metadata={RANGE: rng, CHOICES: tuple(choices), RESUME: on_resume})
 
 
 def ranges(cls: type) -> dict[str, Range]:
@@ -89,6 +91,10 @@ def range_errors(cls: type, values: Mapping[str, Any]) -> list[tuple[str, Any, s
     for key, rng in ranges(cls).items():
         if key in values and not rng.ok(values[key]):
             out.append((key, values[key], rng.describe()))
+    for f in dataclasses.fields(cls):
+        choices = f.metadata.get(CHOICES)
+        if choices and f.name in values and values[f.name] not in choices:
+            out.append((f.name, values[f.name], "one of " + ", ".join(map(repr, choices))))
     return out
 
 

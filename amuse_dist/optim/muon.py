@@ -16,6 +16,7 @@ import torch.distributed as dist
 from torch.optim import Optimizer
 
 from amuse_dist.distributed.layout import local_view
+from amuse_dist.distributed.plan import HSDP_MODES
 from amuse_dist.optim import hparams
 from amuse_dist.optim.base import MuonBranch, check_range, default_replicated_group, split_named
 from amuse_dist.optim.hparams import hparam
@@ -40,6 +41,9 @@ class MuonHParams:
     """AdamW branch: epsilon, > 0."""
     ns_steps: int = hparam(5, lo=1, integer=True)
     """Newton-Schulz iterations, >= 1."""
+    hsdp_mode: str = hparam("auto", choices=HSDP_MODES)
+    """HSDP: "split" (each matrix once per job), "per_replica" (once per replica group) or
+    "auto" (the cost model in docs/distributed.md)."""
 
 
 _D = MuonHParams()
@@ -59,7 +63,7 @@ class Muon(Optimizer):
         ns_steps: int = _D.ns_steps,
         ns_dtype: torch.dtype = torch.bfloat16,
         process_group: dist.ProcessGroup | None = None,
-        hsdp_mode: str = "auto",
+        hsdp_mode: str = _D.hsdp_mode,
     ):
         check_range("lr", lr, 0.0, float("inf"), lo_open=True, hi_open=True)
         hparams.check(MuonHParams, locals())
