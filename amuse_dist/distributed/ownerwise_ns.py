@@ -67,7 +67,7 @@ def orthogonalize_full(
     out: list[list[torch.Tensor | None]] = [[None] * len(p) for p in pieces]
     for (rows, cols), members in by_shape.items():
         batch = torch.stack([pieces[i][j] for i, j in members])
-        result = newton_schulz5(batch, ns_steps, ns_dtype) * muon_scale(rows, cols)
+        result = newton_schulz5(batch, ns_steps, ns_dtype, scale=muon_scale(rows, cols))
         for k, (i, j) in enumerate(members):
             out[i][j] = result[k]
     return [blocks[0] if len(blocks) == 1 else torch.cat(blocks) for blocks in out]  # type: ignore[arg-type]
