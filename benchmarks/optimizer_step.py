@@ -62,9 +62,9 @@ FITS_ON_CPU = ("debug", "124m", "1.3b")
 
 def flavor_args(shapes: str, n_layers: int | None = None) -> Any:
     """The torchtitan model args of ``shapes`` (optionally with another depth)."""
-    from amuse_dist.titan import cpu
+    from amuse_dist.titan import launch
 
-    cpu.setup_device()  # as every entry point does, before torchtitan is imported
+    launch.setup_device()  # as every entry point does, before torchtitan is imported
     from amuse_dist.titan.train_spec import FLAVORS
 
     args = FLAVORS[FLAVOR_OF[shapes]]
