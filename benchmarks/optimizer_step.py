@@ -9,9 +9,9 @@ Sections (``--sections``, all by default), one process unless noted:
             view or runs inside another counted op) for AMUSE with Newton-Schulz replaced by the
             identity (``amuse``), AMUSE with real bf16 NS (``amuse+ns``, one process: NS is
             batched per shape), torch AdamW(foreach) and AdamW(fused), at the flavor's depth
-            and at half of it (the count must not grow with the number of parameters). 8B runs
-            on the meta device (it does not fit); fused AdamW has no meta kernel and is skipped
-            there.
+            and at half of it (the count must not grow with the number of parameters). Counted
+            on the meta device (the same top-level dispatch without the math, so 8B fits; fused
+            AdamW, which has no meta kernel, runs on the CPU where the shapes fit).
 * ``time``  the elementwise step: AMUSE with identity NS vs torch AdamW(foreach=True) and
             AdamW(fused=True) on the same parameters and gradients, same process, interleaved
             rounds, median ms (shapes that fit in memory: not 8B on CPU).
@@ -196,10 +196,12 @@ def ops_per_step(name: str, shapes: str, n_layers: int | None, device: str) -> C
 def ops_section(shapes_list: Sequence[str]) -> list[dict[str, Any]]:
     rows = []
     for shapes in shapes_list:
-        device = "cpu" if shapes in ("debug", "124m") else "meta"
         depth = flavor_args(shapes).n_layers
         for name in ("amuse", "amuse+ns", "adamw_foreach", "adamw_fused"):
-            if name == "adamw_fused" and device == "meta":
+            # the meta device dispatches the same top-level ops without doing the math; fused
+            # AdamW has no meta kernel, so it runs on the CPU where the shapes fit
+            device = "cpu" if name == "adamw_fused" else "meta"
+            if device == "cpu" and shapes not in FITS_ON_CPU:
                 continue
             counts = [ops_per_step(name, shapes, n, device) for n in (depth, depth // 2)]
             rows.append(
