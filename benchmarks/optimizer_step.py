@@ -1,33 +1,40 @@
-"""Time one optimizer step on an FSDP2 (fully_shard) Llama-shaped model, per world size.
+"""What one optimizer step costs: op counts, elementwise time, and owner-wise NS under FSDP2.
 
-Optimizers (all on the same sharded model, same random gradients):
+Model shapes come from torchtitan's Llama 3 flavors (``amuse_dist.titan.train_spec.FLAVORS``):
+``debug`` = "debugmodel", ``124m`` = "124M", ``1.3b`` = "1.3B", ``8b`` = "8B".
 
-* ``amuse``      AMUSE with owner-wise Newton-Schulz (each matrix orthogonalized once, on its owner)
-* ``replicated`` AMUSE whose Muon branch does what a naive FSDP Muon does: every rank all-gathers
-                 every update (``DTensor.full_tensor()``, in the NS dtype bf16), runs NS5 on every
-                 matrix (``orthogonalize_full``), and keeps its own shard of the result
-* ``muon``       amuse_dist.optim.Muon (owner-wise, same NS code)
-* ``adamw``      torch.optim.AdamW(foreach=True, fused=False) on every parameter
+Sections (``--sections``, all by default), one process unless noted:
 
-Per optimizer and world size: the step time (median over repeats, warm-up excluded; each repeat
-is the slowest rank's time), the per-rank time spent inside Newton-Schulz (every call of
-``amuse_dist.distributed.ownerwise_ns.orthogonalize_full`` is wrapped; on CPU measured as thread CPU
-time, robust to oversubscription; on CUDA as synchronized wall time), max and mean over ranks,
-the payload bytes each rank sends per step for Newton-Schulz (owner-wise: counted by wrapping
-``torch.distributed.all_to_all_single``, own chunk excluded; replicated: (world - 1) x the local
-bf16 shard of every matrix, what its all-gather sends), and the step time relative to AdamW.
+* ``ops``   top-level, non-view aten ops per step (torch.profiler; an op is counted unless it is a
+            view or runs inside another counted op) for AMUSE with Newton-Schulz replaced by the
+            identity (``amuse``), AMUSE with real bf16 NS (``amuse+ns``, one process: NS is
+            batched per shape), torch AdamW(foreach) and AdamW(fused), at the flavor's depth
+            and at half of it (the count must not grow with the number of parameters). Counted
+            on the meta device (the same top-level dispatch without the math, so 8B fits; fused
+            AdamW, which has no meta kernel, runs on the CPU where the shapes fit).
+* ``time``  the elementwise step: AMUSE with identity NS vs torch AdamW(foreach=True) and
+            AdamW(fused=True) on the same parameters and gradients, same process, interleaved
+            rounds, median ms (shapes that fit in memory: not 8B on CPU).
+* ``dist``  one ``torchrun`` per world size (gloo on CPU, OMP_NUM_THREADS=1 per rank; NCCL on
+            CUDA): the FSDP2-sharded model's step for ``amuse`` (owner-wise NS), ``replicated``
+            (every rank all-gathers every update and runs NS on everything, built here),
+            ``muon`` and ``adamw``; per-rank NS time (``orthogonalize_full`` wrapped: thread CPU
+            time on CPU, synchronized wall time on CUDA) and NS bytes sent (``all_to_all_single``
+            wrapped). Acceptance (CPU): AMUSE's NS time, max over ranks, <= 0.6x the replicated
+            variant's at world size 2 and <= 0.35x at world size 4.
 
-The parent process launches one ``torchrun`` per world size (gloo on CPU with OMP_NUM_THREADS=1
-per rank, NCCL on CUDA) and prints one table. Acceptance (CPU default): AMUSE's NS time, max over
-ranks, is <= 0.6x the replicated variant's at world size 2 and <= 0.35x at world size 4.
+Exchange-plan time at 8/64/256/1024 fake ranks and the owner's peak extra memory are measured by
+the exchange's own code; ``EXTRA_SECTIONS`` below is where they plug in.
 
-Usage: python benchmarks/optimizer_step.py [--world-sizes 1 2 4] [--shapes debug|124m|1.3b]
-       [--device auto|cpu|cuda] [--warmup 2] [--repeats 7] [--json PATH]
+Usage: python benchmarks/optimizer_step.py [--sections ops time dist] [--shapes debug 124m 8b]
+       [--dist-shapes debug] [--world-sizes 1 2 4] [--device auto|cpu|cuda] [--warmup 2]
+       [--repeats 7] [--json PATH]
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import statistics
@@ -35,6 +42,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections import Counter
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -45,51 +53,214 @@ from torch import nn
 
 OPTIMIZERS = ("amuse", "replicated", "muon", "adamw")
 THRESHOLDS = {2: 0.6, 4: 0.35}  # AMUSE NS time (max over ranks) / replicated's, acceptance
+ELEMENTWISE_LIMIT = 1.3  # AMUSE elementwise step / AdamW(foreach), 124m shapes (issue 10)
 
-# name: (dim, n_layers, ffn hidden, vocab)
-SHAPES: dict[str, tuple[int, int, int, int]] = {
-    "debug": (256, 4, 768, 2048),
-    "124m": (768, 12, 3072, 50304),
-    "1.3b": (2048, 24, 5632, 50304),
-}
+# shape name -> torchtitan flavor (amuse_dist.titan.train_spec.FLAVORS); shapes derive from it
+FLAVOR_OF = {"debug": "debugmodel", "124m": "124M", "1.3b": "1.3B", "8b": "8B"}
+FITS_ON_CPU = ("debug", "124m", "1.3b")
 
 
-# --------------------------------------------------------------------------------------- model
-class Attention(nn.Module):
-    def __init__(self, dim: int, kv_dim: int):
-        super().__init__()
-        self.wq = nn.Linear(dim, dim, bias=False)
-        self.wk = nn.Linear(dim, kv_dim, bias=False)
-        self.wv = nn.Linear(dim, kv_dim, bias=False)
-        self.wo = nn.Linear(dim, dim, bias=False)
+def flavor_args(shapes: str, n_layers: int | None = None) -> Any:
+    """The torchtitan model args of ``shapes`` (optionally with another depth)."""
+    from amuse_dist.titan import launch
+
+    launch.setup_device()  # as every entry point does, before torchtitan is imported
+    from amuse_dist.titan.train_spec import FLAVORS
+
+    args = FLAVORS[FLAVOR_OF[shapes]]
+    return dataclasses.replace(args, n_layers=n_layers) if n_layers is not None else args
 
 
-class FeedForward(nn.Module):
-    def __init__(self, dim: int, hidden: int):
-        super().__init__()
-        self.w1 = nn.Linear(dim, hidden, bias=False)
-        self.w2 = nn.Linear(hidden, dim, bias=False)
-        self.w3 = nn.Linear(dim, hidden, bias=False)
+def build_model(shapes: str, n_layers: int | None = None) -> nn.Module:
+    """torchtitan's Llama 3 of that flavor on the meta device (only the parameters matter)."""
+    args = flavor_args(shapes, n_layers)
+    from torchtitan.models.llama3 import Transformer
+
+    with torch.device("meta"):
+        return Transformer(args)
 
 
-class Block(nn.Module):
-    def __init__(self, dim: int, hidden: int):
-        super().__init__()
-        self.attention = Attention(dim, dim)
-        self.feed_forward = FeedForward(dim, hidden)
-        self.attention_norm = nn.RMSNorm(dim)
-        self.ffn_norm = nn.RMSNorm(dim)
+def describe(shapes: str) -> str:
+    a = flavor_args(shapes)
+    model = build_model(shapes)
+    layer = model.layers["0"]
+    n = sum(p.numel() for p in model.parameters())
+    return (
+        f"{shapes} (flavor {FLAVOR_OF[shapes]!r}): dim {a.dim}, {a.n_layers} layers, "
+        f"wk {tuple(layer.attention.wk.weight.shape)}, w1 {tuple(layer.feed_forward.w1.weight.shape)}, "
+        f"vocab {a.vocab_size}, {n / 1e6:.1f}M parameters"
+    )
 
 
-class LlamaShaped(nn.Module):
-    """Parameters of a Llama (names as in torchtitan); only the optimizer step is benchmarked."""
+# ------------------------------------------------------------------------- in-process sections
+class IdentityNS:
+    """Stands in for the Muon branch: O = u (no Newton-Schulz, no exchange).
 
-    def __init__(self, dim: int, n_layers: int, hidden: int, vocab: int):
-        super().__init__()
-        self.tok_embeddings = nn.Embedding(vocab, dim)
-        self.layers = nn.ModuleList(Block(dim, hidden) for _ in range(n_layers))
-        self.norm = nn.RMSNorm(dim)
-        self.output = nn.Linear(dim, vocab, bias=False)
+    Isolates the elementwise step. (Once Newton-Schulz is injected into the branch as a function,
+    this becomes that function = identity.)
+    """
+
+    replicated_group = None
+    ns = None
+
+    def orthogonalize(
+        self,
+        params: Sequence[torch.Tensor],
+        splits: Sequence[Sequence[int]],
+        updates: Sequence[torch.Tensor],
+        overlap: Callable[[], None] | None = None,
+    ) -> list[torch.Tensor]:
+        if overlap is not None:
+            overlap()
+        return list(updates)
+
+
+def fill(model: nn.Module, device: torch.device | str, seed: int = 0) -> nn.Module:
+    """Materialize ``model`` on ``device`` with random weights and gradients (meta stays meta)."""
+    model = model.to_empty(device=device)
+    if str(device) == "meta":
+        for p in model.parameters():
+            p.grad = torch.empty_like(p)
+        return model
+    gen = torch.Generator(device=device).manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0.0, 0.02, generator=gen)
+            p.grad = torch.randn(p.shape, generator=gen, device=p.device) * 1e-3
+    return model
+
+
+def local_optimizer(name: str, model: nn.Module) -> torch.optim.Optimizer:
+    """One process, no process group: amuse (identity NS), amuse+ns, adamw_foreach, adamw_fused."""
+    from amuse_dist import AMUSE, param_groups
+
+    if name == "adamw_foreach":
+        return torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.1, foreach=True)
+    if name == "adamw_fused":
+        return torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.1, fused=True)
+    opt = AMUSE(param_groups(model), lr=0.01, warmup_steps=2000, weight_decay=0.05)
+    opt.track_update_rms = False  # a step whose metrics are not logged
+    if name == "amuse":
+        opt._muon = IdentityNS()  # type: ignore[assignment]
+    return opt
+
+
+def _is_view(name: str) -> bool:
+    """Does the aten op return an alias of an input (a view), per its schema?"""
+    op = getattr(torch.ops.aten, name.removeprefix("aten::"), None)
+    if op is None:
+        return False
+    for overload in op.overloads():
+        rets = getattr(op, overload)._schema.returns
+        if any(r.alias_info is not None and not r.alias_info.is_write for r in rets):
+            return True
+    return False
+
+
+def count_ops(fn: Callable[[], Any]) -> Counter[str]:
+    """Top-level non-view aten ops of one call of ``fn``: an aten op is counted unless it is a
+    view or runs inside another counted op (so a view's real work still counts once)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        fn()
+    counted: set[int] = set()
+    out: Counter[str] = Counter()
+    views: dict[str, bool] = {}
+    for e in sorted(prof.events(), key=lambda e: e.time_range.start):
+        if not e.name.startswith("aten::"):
+            continue
+        if e.name not in views:
+            views[e.name] = _is_view(e.name)
+        parent, inside = e.cpu_parent, False
+        while parent is not None:
+            if id(parent) in counted:
+                inside = True
+                break
+            parent = parent.cpu_parent
+        if not inside and not views[e.name]:
+            counted.add(id(e))
+            out[e.name] += 1
+    return out
+
+
+def ops_per_step(name: str, shapes: str, n_layers: int | None, device: str) -> Counter[str]:
+    """Op counts of the third step (state exists, nothing is first-step only)."""
+    model = fill(build_model(shapes, n_layers), device)
+    opt = local_optimizer(name, model)
+    opt.step()
+    opt.step()
+    return count_ops(opt.step)
+
+
+def ops_section(shapes_list: Sequence[str]) -> list[dict[str, Any]]:
+    rows = []
+    for shapes in shapes_list:
+        depth = flavor_args(shapes).n_layers
+        for name in ("amuse", "amuse+ns", "adamw_foreach", "adamw_fused"):
+            # the meta device dispatches the same top-level ops without doing the math; fused
+            # AdamW has no meta kernel, so it runs on the CPU where the shapes fit
+            device = "cpu" if name == "adamw_fused" else "meta"
+            if device == "cpu" and shapes not in FITS_ON_CPU:
+                continue
+            counts = [ops_per_step(name, shapes, n, device) for n in (depth, depth // 2)]
+            rows.append(
+                dict(
+                    shapes=shapes,
+                    device=device,
+                    optimizer=name,
+                    ops=sum(counts[0].values()),
+                    ops_half_depth=sum(counts[1].values()),
+                    item_ops=counts[0]["aten::item"],
+                    by_op=dict(counts[0].most_common()),
+                )
+            )
+            print(
+                f"  ops {shapes} {name}: {rows[-1]['ops']} (half depth {rows[-1]['ops_half_depth']})"
+            )
+    return rows
+
+
+def time_section(
+    shapes_list: Sequence[str], warmup: int, repeats: int, device: str
+) -> list[dict[str, Any]]:
+    """Median step ms per optimizer, interleaved rounds on the same parameters and gradients."""
+    names = ["amuse", "adamw_foreach", "adamw_fused"]
+    rows = []
+    for shapes in shapes_list:
+        if device == "cpu" and shapes not in FITS_ON_CPU:
+            continue
+        models = {n: fill(build_model(shapes), device) for n in names}
+        opts = {n: local_optimizer(n, models[n]) for n in names}
+        times: dict[str, list[float]] = {n: [] for n in names}
+        for r in range(warmup + repeats):
+            for n in names:
+                if device == "cuda":
+                    torch.cuda.synchronize()
+                t0 = time.perf_counter()
+                opts[n].step()
+                if device == "cuda":
+                    torch.cuda.synchronize()
+                if r >= warmup:
+                    times[n].append(time.perf_counter() - t0)
+        med = {n: statistics.median(v) * 1e3 for n, v in times.items()}
+        rows.append(
+            dict(
+                shapes=shapes,
+                device=device,
+                ms=med,
+                amuse_vs_foreach=med["amuse"] / med["adamw_foreach"],
+                amuse_vs_fused=med["amuse"] / med["adamw_fused"],
+            )
+        )
+        print(f"  time {shapes}: " + ", ".join(f"{n} {v:.1f} ms" for n, v in med.items()))
+        del models, opts
+    return rows
+
+
+# Sections measured by the exchange's own code (exchange-plan time at 8/64/256/1024 fake ranks,
+# owner peak extra memory): name -> function(args) returning rows to print and store in the JSON.
+EXTRA_SECTIONS: dict[str, Callable[[argparse.Namespace], list[dict[str, Any]]]] = {}
 
 
 # --------------------------------------------------------------------------------------- probes
@@ -167,8 +338,12 @@ class ReplicatedMuonBranch:
         params: Sequence[torch.Tensor],
         splits: Sequence[Sequence[int]],
         updates: Sequence[torch.Tensor],
+        overlap: Callable[[], None] | None = None,
     ) -> list[torch.Tensor]:
         from torch.distributed.tensor import DTensor, Shard
+
+        if overlap is not None:
+            overlap()
 
         from amuse_dist.distributed import ownerwise_ns
         from amuse_dist.distributed.layout import chunk_sizes
@@ -238,9 +413,8 @@ def worker(args: argparse.Namespace) -> None:
         torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
     mesh = init_device_mesh(device.type, (ws,))
 
-    with torch.device("meta"):
-        model = LlamaShaped(*SHAPES[args.shapes])
-    for block in model.layers:
+    model = build_model(args.dist_shapes)
+    for block in model.layers.values():
         fully_shard(block, mesh=mesh)
     fully_shard(model, mesh=mesh)
     model.to_empty(device=device)
@@ -248,7 +422,7 @@ def worker(args: argparse.Namespace) -> None:
     with torch.no_grad():
         for name, p in model.named_parameters():
             local = p.to_local() if isinstance(p, DTensor) else p
-            if name.endswith("norm.weight"):
+            if name.endswith("norm.weight"):  # RMSNorm gains
                 local.fill_(1.0)
             else:
                 local.normal_(0.0, 0.02, generator=gen)
@@ -386,8 +560,8 @@ def launch(ws: int, args: argparse.Namespace, out: Path) -> dict[str, Any]:
         str(out),
         "--device",
         args.device,
-        "--shapes",
-        args.shapes,
+        "--dist-shapes",
+        args.dist_shapes,
         "--warmup",
         str(args.warmup),
         "--repeats",
@@ -408,46 +582,21 @@ def fmt_bytes(n: float) -> str:
     return f"{n / 2**20:.2f}"
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--world-sizes", type=int, nargs="+", default=[1, 2, 4])
-    parser.add_argument("--shapes", choices=sorted(SHAPES), default="debug")
-    parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
-    parser.add_argument("--warmup", type=int, default=2)
-    parser.add_argument("--repeats", type=int, default=7)
-    parser.add_argument("--optimizers", nargs="+", choices=OPTIMIZERS, default=list(OPTIMIZERS))
-    parser.add_argument(
-        "--sequential",
-        action="store_true",
-        help="time optimizers one after another (less memory) instead of in interleaved rounds",
-    )
-    parser.add_argument("--timeout", type=int, default=900, help="seconds per world size")
-    parser.add_argument("--json", metavar="PATH", help="also write summary + raw data as JSON")
-    parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
-    parser.add_argument("--out", help=argparse.SUPPRESS)
-    args = parser.parse_args()
-    if args.worker:
-        worker(args)
-        return
-    if args.device == "auto":
-        args.device = "cuda" if torch.cuda.is_available() else "cpu"
+def dist_section(args: argparse.Namespace) -> dict[str, Any]:
+    """The torchrun table (see the module docstring); returns its JSON and acceptance checks."""
     if args.device == "cuda":
         n_gpu = torch.cuda.device_count()
         skipped = [w for w in args.world_sizes if w > n_gpu]
         if skipped:
             print(f"skipping world sizes {skipped}: only {n_gpu} GPU(s)")
         args.world_sizes = [w for w in args.world_sizes if w <= n_gpu]
-
-    dim, layers, hidden, vocab = SHAPES[args.shapes]
     cpu = args.device == "cpu"
     timer = "thread CPU time (time.thread_time)" if cpu else "wall time, CUDA-synchronized"
     ns_key = "ns_cpu" if cpu else "ns_wall"
     print(
-        f"shapes {args.shapes}: dim {dim}, {layers} layers, ffn {hidden}, vocab {vocab}; "
-        f"device {args.device} ({'gloo, OMP_NUM_THREADS=1 per rank' if args.device == 'cpu' else 'nccl'}), "
-        f"{os.cpu_count()} CPUs, torch {torch.__version__}; warm-up {args.warmup}, "
-        f"median of {args.repeats} "
-        f"({'sequential' if args.sequential else 'interleaved rounds'})"
+        f"dist: {describe(args.dist_shapes)}; device {args.device} "
+        f"({'gloo, OMP_NUM_THREADS=1 per rank' if cpu else 'nccl'}); warm-up {args.warmup}, "
+        f"median of {args.repeats} ({'sequential' if args.sequential else 'interleaved rounds'})"
     )
     print(f"NS time = time inside orthogonalize_full per rank per step, measured as {timer}")
 
@@ -500,30 +649,111 @@ def main() -> None:
                 f"world size {ws}: AMUSE NS time (max over ranks) / replicated = {ratio:.3f} "
                 f"(<= {limit}) {'PASS' if ok else 'FAIL'}"
             )
+    return dict(
+        ns_timer=timer,
+        summary={str(k): v for k, v in summaries.items()},
+        checks=checks,
+        exchange_model_match={str(k): v for k, v in exchange_ok.items()},
+        raw={str(k): v for k, v in raws.items()},
+    )
+
+
+def print_ops(rows: list[dict[str, Any]]) -> None:
+    head = (
+        "| shapes | device | optimizer | ops/step | ops/step at half depth | of which aten::item |"
+    )
+    print("\n" + head + "\n|" + "---|" * head.count(" | ") + "---|")
+    for r in rows:
+        print(
+            f"| {r['shapes']} | {r['device']} | {r['optimizer']} | {r['ops']} "
+            f"| {r['ops_half_depth']} | {r['item_ops']} |"
+        )
+
+
+def print_times(rows: list[dict[str, Any]]) -> None:
+    head = (
+        "| shapes | device | AMUSE (identity NS) ms | AdamW foreach ms | AdamW fused ms "
+        "| AMUSE / foreach | AMUSE / fused |"
+    )
+    print("\n" + head + "\n|" + "---|" * head.count(" | ") + "---|")
+    for r in rows:
+        ms = r["ms"]
+        print(
+            f"| {r['shapes']} | {r['device']} | {ms['amuse']:.1f} | {ms['adamw_foreach']:.1f} "
+            f"| {ms['adamw_fused']:.1f} | {r['amuse_vs_foreach']:.2f} | {r['amuse_vs_fused']:.2f} |"
+        )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    sections = ["ops", "time", "dist", *EXTRA_SECTIONS]
+    parser.add_argument("--sections", nargs="+", choices=sections, default=sections)
+    parser.add_argument(
+        "--shapes", nargs="+", choices=list(FLAVOR_OF), default=["debug", "124m", "8b"]
+    )
+    parser.add_argument("--dist-shapes", choices=list(FLAVOR_OF), default="debug")
+    parser.add_argument("--world-sizes", type=int, nargs="+", default=[1, 2, 4])
+    parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--optimizers", nargs="+", choices=OPTIMIZERS, default=list(OPTIMIZERS))
+    parser.add_argument(
+        "--sequential",
+        action="store_true",
+        help="dist: time optimizers one after another (less memory) instead of interleaved",
+    )
+    parser.add_argument("--timeout", type=int, default=900, help="seconds per world size")
+    parser.add_argument("--json", metavar="PATH", help="also write summary + raw data as JSON")
+    parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--out", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.worker:
+        worker(args)
+        return
+    if args.device == "auto":
+        args.device = "cuda" if torch.cuda.is_available() else "cpu"
+    print(f"{os.cpu_count()} CPUs, torch {torch.__version__}, device {args.device}")
+    for shapes in args.shapes:
+        print(describe(shapes))
+    report: dict[str, Any] = dict(
+        config=dict(
+            sections=args.sections,
+            shapes=args.shapes,
+            dist_shapes=args.dist_shapes,
+            device=args.device,
+            warmup=args.warmup,
+            repeats=args.repeats,
+            torch=torch.__version__,
+            cpus=os.cpu_count(),
+        )
+    )
+    failed = False
+    if "ops" in args.sections:
+        report["ops"] = ops_section(args.shapes)
+        print_ops(report["ops"])
+    if "time" in args.sections:
+        torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", torch.get_num_threads())))
+        report["time"] = time_section(args.shapes, args.warmup, args.repeats, args.device)
+        print_times(report["time"])
+        for r in report["time"]:
+            if r["shapes"] == "124m":
+                ok = r["amuse_vs_foreach"] <= ELEMENTWISE_LIMIT
+                failed |= not ok
+                print(
+                    f"124m: AMUSE elementwise step / AdamW(foreach) = {r['amuse_vs_foreach']:.2f} "
+                    f"(<= {ELEMENTWISE_LIMIT}) {'PASS' if ok else 'FAIL'}"
+                )
+    for name, fn in EXTRA_SECTIONS.items():
+        if name in args.sections:
+            report[name] = fn(args)
+    if "dist" in args.sections:
+        report["dist"] = dist_section(args)
+        failed |= any(not c["passed"] for c in report["dist"]["checks"])
     if args.json:
         with open(args.json, "w") as f:
-            json.dump(
-                dict(
-                    config=dict(
-                        shapes=args.shapes,
-                        device=args.device,
-                        warmup=args.warmup,
-                        repeats=args.repeats,
-                        sequential=args.sequential,
-                        torch=torch.__version__,
-                        cpus=os.cpu_count(),
-                        ns_timer=timer,
-                    ),
-                    summary={str(k): v for k, v in summaries.items()},
-                    checks=checks,
-                    exchange_model_match={str(k): v for k, v in exchange_ok.items()},
-                    raw={str(k): v for k, v in raws.items()},
-                ),
-                f,
-                indent=1,
-            )
+            json.dump(report, f, indent=1)
         print(f"wrote {args.json}")
-    if any(not c["passed"] for c in checks):
+    if failed:
         raise SystemExit(1)
 
 

@@ -22,7 +22,7 @@ from amuse_dist.distributed.plan import HSDP_MODES
 from amuse_dist.optim import hparams
 from amuse_dist.optim.base import MuonBranch, check_range, default_replicated_group, split_named
 from amuse_dist.optim.hparams import hparam
-from amuse_dist.optim.schedule import step_scalars
+from amuse_dist.optim.schedule import StepScalars, step_scalars
 
 # per-group scalars kept in the param group (saved and restored with it)
 _T, _A, _CT0, _BETA_Y = "amuse_t", "amuse_weight_sum", "amuse_c_warmup", "amuse_beta_y"
@@ -95,6 +95,8 @@ class AMUSE(Optimizer):
     reference code's choice, used for the paper's results). ``ns_dtype`` is the Newton-Schulz (and
     its communication) dtype: bf16 as in the spec, fp32 for testing. ``hsdp_mode`` ("auto",
     "split", "per_replica") chooses how HSDP replica groups share Newton-Schulz (docs/distributed.md).
+    ``momentum_dtype`` (e.g. ``torch.bfloat16``) stores the Muon momentum in that dtype (z and the
+    AdamW second moment keep the parameter's dtype); None keeps the parameter's dtype.
     """
 
     def __init__(
@@ -115,6 +117,7 @@ class AMUSE(Optimizer):
         ns_dtype: torch.dtype = torch.bfloat16,
         process_group: dist.ProcessGroup | None = None,
         hsdp_mode: str = _D.hsdp_mode,
+        momentum_dtype: torch.dtype | None = None,
     ):
         defaults = dict(
             lr=lr,
@@ -151,100 +154,135 @@ class AMUSE(Optimizer):
             default_replicated_group(process_group),
             hsdp_mode=hsdp_mode,
         )
+        self.momentum_dtype = momentum_dtype
+        # update_rms() needs sum(O^2), an extra pass and a per-parameter loop: a trainer sets
+        # this to False on steps whose metrics are not logged (AmuseMetricsProcessor does)
+        self.track_update_rms = True
         self._sq_sums: dict[str, torch.Tensor] = {}
         self._numels: dict[str, int] = {}
 
     # ----------------------------------------------------------------------------- the step
-    def _init_state(self, p: torch.Tensor, group: dict[str, Any]) -> dict[str, torch.Tensor]:
-        state = self.state[p]
-        if not state:
-            state["z"] = p.detach().clone()
-            key = "momentum" if group["use_muon"] else "exp_avg_sq"
-            state[key] = torch.zeros_like(p, memory_format=torch.preserve_format)
-        return state
-
     @torch.no_grad()
     def step(self, closure: Callable[[], float] | None = None) -> float | None:  # type: ignore[override]
+        """One AMUSE step: a few ``torch._foreach_*`` calls per branch, NS5 for the Muon branch.
+
+        The AdamW branch's math runs while the Muon exchange is in flight (``overlap``).
+        """
         loss = None
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-
-        # (group, scalars, params, directions) per group; Muon directions are filled in later
-        plans: list[tuple[dict[str, Any], Any, list[torch.Tensor], list[Any]]] = []
-        muon_params: list[torch.Tensor] = []
-        muon_splits: list[tuple[int, ...]] = []
-        muon_updates: list[torch.Tensor] = []
-        muon_slots: list[tuple[list[Any], int]] = []
-        for group in self.param_groups:
-            params = [p for p in group["params"] if p.grad is not None]
-            states = [self._init_state(p, group) for p in params]
-            if not params or float(group["lr"]) == 0.0:
-                # torch's DCP helpers call step() once with zero grads and lr 0 to create the
-                # state: that call must create every key and change nothing.
-                continue
-            sc = step_scalars(
-                group[_T] + 1,
-                lr=float(group["lr"]),
-                warmup_steps=group["warmup_steps"],
-                beta1=group["beta1"],
-                rho=group["rho"],
-                weight_lr_power=group["weight_lr_power"],
-                r=group["r"],
-                weight_sum=group[_A],
-                c_warmup=group[_CT0],
-            )
-            directions: list[Any] = [None] * len(params)
-            for j, (p, state) in enumerate(zip(params, states, strict=True)):
-                g = local_view(p.grad)
-                if group["use_muon"]:
-                    m = local_view(state["momentum"])
-                    mu = group["momentum"]
-                    m.lerp_(g, 1.0 - mu)  # m = mu m + (1 - mu) g
-                    muon_updates.append(torch.lerp(g, m, mu))  # Nesterov: (1 - mu) g + mu m
-                    muon_params.append(p)
-                    muon_splits.append(tuple(group["ns_split"]))
-                    muon_slots.append((directions, j))
-                else:
-                    v = local_view(state["exp_avg_sq"])
-                    b2 = group["betas2"]
-                    v.mul_(b2).addcmul_(g, g, value=1.0 - b2)
-                    denom = (v / (1.0 - b2**sc.t)).sqrt_().add_(group["eps"])
-                    directions[j] = g / denom
-            plans.append((group, sc, params, directions))
-
-        if muon_params:
-            outs = self._muon.orthogonalize(muon_params, muon_splits, muon_updates)
-            for (directions, j), o in zip(muon_slots, outs, strict=True):
-                directions[j] = o
-
+        steps = [s for g in self.param_groups if (s := self._group_step(g)) is not None]
+        batches = [b for s in steps for b in s.batches]
+        muon = [b for b in batches if b.muon]
         self._sq_sums, self._numels = {}, {}
-        for group, sc, params, directions in plans:
-            beta_conv = group[_BETA_Y] if group["exact_x"] else sc.beta
-            branch = "muon" if group["use_muon"] else "adamw"
-            for p, o in zip(params, directions, strict=True):
-                state = self.state[p]
-                y, z = local_view(p), local_view(state["z"])
-                x = torch.lerp(z, y, 1.0 / beta_conv)  # x = z + (y - z) / beta_conv
-                z.mul_(1.0 - sc.lr * group["weight_decay"]).sub_(o, alpha=sc.lr)
-                x.lerp_(z, sc.c)  # x += c_t (z - x)
-                y.copy_(x.lerp_(z, 1.0 - sc.beta))  # y = x + (1 - beta_t)(z - x)
-                self._track(branch, p, o)
-            group[_T] = sc.t
-            group[_A] = sc.weight_sum
-            group[_CT0] = sc.c_warmup
-            group[_BETA_Y] = sc.beta
-            group[_LR_T], group[_BETA], group[_C] = sc.lr, sc.beta, sc.c
+
+        def adamw_branch() -> None:
+            for b in batches:
+                if not b.muon:
+                    self._adamw_update(b)
+
+        if muon:
+            updates = [u for b in muon for u in _nesterov(b)]
+            outs = self._muon.orthogonalize(
+                [p for b in muon for p in b.params],
+                [tuple(b.group["ns_split"]) for b in muon for _ in b.params],
+                updates,
+                overlap=adamw_branch,
+            )
+            start = 0
+            for b in muon:
+                directions = outs[start : start + len(b.params)]
+                start += len(b.params)
+                self._track(b, directions)
+                _xzy_update(b, directions)
+        else:
+            adamw_branch()
+        for s in steps:
+            s.commit()
         return loss
 
-    def _track(self, branch: str, p: torch.Tensor, o: torch.Tensor) -> None:
-        """Accumulate this rank's share of sum(O^2) for update_rms()."""
-        sq = o.float().pow(2).sum(dtype=torch.float64)
-        if not (isinstance(p, DTensor) and isinstance(p.placements[0], Shard)):
-            sq = sq / _replicas(p, self._muon.replicated_group)
-        prev = self._sq_sums.get(branch)
-        self._sq_sums[branch] = sq if prev is None else prev + sq
-        self._numels[branch] = self._numels.get(branch, 0) + p.numel()
+    def _group_step(self, group: dict[str, Any]) -> _GroupStep | None:
+        """This step's scalars and tensors for ``group``; None when it does not step.
+
+        torch's DCP helpers call step() once with zero grads and lr 0 to create the state: that
+        call creates every key and changes nothing.
+        """
+        params = [p for p in group["params"] if p.grad is not None]
+        key = "momentum" if group["use_muon"] else "exp_avg_sq"
+        buf_dtype = self.momentum_dtype if group["use_muon"] else None
+        for p in params:
+            state = self.state[p]
+            if not state:
+                state["z"] = p.detach().clone()
+                state[key] = torch.zeros_like(p, dtype=buf_dtype)
+            elif buf_dtype is not None and state[key].dtype != buf_dtype:
+                # a checkpoint loaded through Optimizer.load_state_dict comes back in the
+                # parameter's dtype: return it to the configured momentum dtype once
+                state[key] = state[key].to(buf_dtype)
+        if not params or float(group["lr"]) == 0.0:
+            return None
+        sc = step_scalars(
+            group[_T] + 1,
+            lr=float(group["lr"]),
+            warmup_steps=group["warmup_steps"],
+            beta1=group["beta1"],
+            rho=group["rho"],
+            weight_lr_power=group["weight_lr_power"],
+            r=group["r"],
+            weight_sum=group[_A],
+            c_warmup=group[_CT0],
+        )
+        by_kind: dict[tuple[torch.device, torch.dtype], list[torch.Tensor]] = {}
+        for p in params:
+            by_kind.setdefault((p.device, p.dtype), []).append(p)
+        batches = []
+        for members in by_kind.values():
+            views = [
+                (local_view(p), local_view(self.state[p]["z"]), local_view(p.grad)) for p in members
+            ]
+            batches.append(
+                _Batch(
+                    group=group,
+                    sc=sc,
+                    beta_conv=group[_BETA_Y] if group["exact_x"] else sc.beta,
+                    params=members,
+                    y=[v[0] for v in views],
+                    z=[v[1] for v in views],
+                    g=[v[2] for v in views],
+                    buf=[local_view(self.state[p][key]) for p in members],
+                )
+            )
+        return _GroupStep(group, sc, batches)
+
+    def _adamw_update(self, b: _Batch) -> None:
+        """Second moment, bias-corrected denominator, then the shared x, z, y update."""
+        b2, t = b.group["betas2"], b.sc.t
+        torch._foreach_mul_(b.buf, b2)
+        torch._foreach_addcmul_(b.buf, b.g, b.g, value=1.0 - b2)  # v = b2 v + (1 - b2) g^2
+        denom = torch._foreach_div(b.buf, 1.0 - b2**t)
+        torch._foreach_sqrt_(denom)
+        torch._foreach_add_(denom, b.group["eps"])
+        if self.track_update_rms:
+            self._track(b, torch._foreach_div(b.g, denom))
+        _xzy_update(b, b.g, denom)
+
+    def _track(self, b: _Batch, directions: list[torch.Tensor]) -> None:
+        """This rank's share of sum(O^2) per branch for update_rms(), on tracked steps only.
+
+        A per-parameter loop, but it runs only on steps whose metrics are logged; it is kept
+        exactly as before so the logged values do not change.
+        """
+        if not self.track_update_rms:
+            return
+        branch = "muon" if b.muon else "adamw"
+        for p, o in zip(b.params, directions, strict=True):
+            sq = o.float().pow(2).sum(dtype=torch.float64)
+            if not (isinstance(p, DTensor) and isinstance(p.placements[0], Shard)):
+                sq = sq / _replicas(p, self._muon.replicated_group)
+            prev = self._sq_sums.get(branch)
+            self._sq_sums[branch] = sq if prev is None else prev + sq
+            self._numels[branch] = self._numels.get(branch, 0) + p.numel()
 
     # ----------------------------------------------------------------------------- reading
     def x_tensors(self) -> dict[torch.Tensor, torch.Tensor]:
@@ -300,11 +338,6 @@ class AMUSE(Optimizer):
         """Indices (into the step's Muon parameter list) orthogonalized on this rank last step."""
         return list(self._muon.ns.owned_log) if self._muon.ns else []
 
-    @property
-    def ns_matrices_done(self) -> int:
-        """Matrices this rank has orthogonalized since the Muon plan was last built."""
-        return self._muon.ns.matrices_done if self._muon.ns else 0
-
 
 def _replicas(p: torch.Tensor, group: dist.ProcessGroup | None) -> int:
     if isinstance(p, DTensor):
@@ -341,3 +374,88 @@ def schedule_free_adamw(
         eps=eps,
         **kwargs,
     )
+
+
+@dataclass
+class _Batch:
+    """The tensors of one param group that step on this rank, all of one device and dtype.
+
+    Lists of local views (a DTensor's shard or the tensor itself), so each line of the math is one
+    ``torch._foreach_*`` call over the whole batch.
+    """
+
+    group: dict[str, Any]
+    sc: StepScalars
+    beta_conv: float  # the beta that recovers x from y this step
+    params: list[torch.Tensor]
+    y: list[torch.Tensor]
+    z: list[torch.Tensor]
+    g: list[torch.Tensor]
+    buf: list[torch.Tensor]  # Muon momentum or AdamW second moment
+
+    @property
+    def muon(self) -> bool:
+        return bool(self.group["use_muon"])
+
+
+@dataclass
+class _GroupStep:
+    group: dict[str, Any]
+    sc: StepScalars
+    batches: list[_Batch]
+
+    def commit(self) -> None:
+        """Store the step's scalars in the group (state_dict and checkpoints carry them)."""
+        sc, g = self.sc, self.group
+        g[_T], g[_A], g[_CT0], g[_BETA_Y] = sc.t, sc.weight_sum, sc.c_warmup, sc.beta
+        g[_LR_T], g[_BETA], g[_C] = sc.lr, sc.beta, sc.c
+
+
+def _nesterov(b: _Batch) -> list[torch.Tensor]:
+    """m = mu m + (1 - mu) g (in place); returns u = (1 - mu) g + mu m (new tensors).
+
+    With a momentum dtype other than the gradient's, g is first cast into one flat buffer of the
+    momentum's dtype (one allocation, views for the pieces), which then becomes u.
+    """
+    mu = b.group["momentum"]
+    if all(m.dtype == g.dtype for m, g in zip(b.buf, b.g, strict=True)):
+        torch._foreach_lerp_(b.buf, b.g, 1.0 - mu)
+        return list(torch._foreach_lerp(b.g, b.buf, mu))
+    u = _flat_like(b.buf)
+    torch._foreach_copy_(u, b.g)
+    torch._foreach_lerp_(b.buf, u, 1.0 - mu)
+    torch._foreach_lerp_(u, b.buf, mu)
+    return u
+
+
+def _flat_like(ts: list[torch.Tensor]) -> list[torch.Tensor]:
+    """Uninitialized tensors shaped like ``ts``: views into one buffer (a single allocation)."""
+    flat = torch.empty(sum(t.numel() for t in ts), dtype=ts[0].dtype, device=ts[0].device)
+    return [v.view(t.shape) for v, t in zip(flat.split([t.numel() for t in ts]), ts, strict=True)]
+
+
+def _xzy_update(
+    b: _Batch, directions: list[torch.Tensor], denom: list[torch.Tensor] | None = None
+) -> None:
+    """x from (y, z); z <- z (1 - lr wd) - lr O; y <- the new x/z interpolation, in place on y.
+
+    O is ``directions`` (Muon) or ``directions / denom`` (AdamW: g over its denominator, fused).
+    y holds x in between: y + (1 - 1/beta_conv)(z - y) = z + (y - z)/beta_conv. Then
+    x' = x + c (z' - x) and y' = x' + (1 - beta)(z' - x') fold into one lerp of x towards z' with
+    weight 1 - beta (1 - c).
+    """
+    sc = b.sc
+    torch._foreach_lerp_(b.y, b.z, 1.0 - 1.0 / b.beta_conv)  # y now holds x
+    wd = b.group["weight_decay"]
+    if wd != 0.0:
+        torch._foreach_mul_(b.z, 1.0 - sc.lr * wd)
+    if denom is not None:
+        torch._foreach_addcdiv_(b.z, directions, denom, value=-sc.lr)
+    else:
+        if b.z and b.z[0].is_cuda and directions[0].dtype != b.z[0].dtype:
+            # CUDA's multi-tensor kernels need one dtype: cast O (bf16 from NS) in one call
+            cast = _flat_like(b.z)
+            torch._foreach_copy_(cast, directions)
+            directions = cast
+        torch._foreach_add_(b.z, directions, alpha=-sc.lr)
+    torch._foreach_lerp_(b.y, b.z, 1.0 - sc.beta * (1.0 - sc.c))

@@ -74,7 +74,7 @@ class NewtonSchulz:
 
     def __call__(self, batch: torch.Tensor) -> torch.Tensor:
         rows, cols = batch.shape[-2:]
-        return newton_schulz5(batch, self.steps, self.dtype) * muon_scale(rows, cols)
+        return newton_schulz5(batch, self.steps, self.dtype, scale=muon_scale(rows, cols))
 
     def flops(self, rows: int, cols: int) -> float:
         return float(ns_flops(rows, cols, self.steps))

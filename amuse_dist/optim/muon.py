@@ -87,11 +87,15 @@ class Muon(Optimizer):
 
     @torch.no_grad()
     def step(self, closure: Callable[[], float] | None = None) -> float | None:  # type: ignore[override]
+        """One step: a few ``torch._foreach_*`` calls per group, NS5 for the Muon groups.
+
+        The AdamW groups' math runs while the Muon exchange is in flight (``overlap``).
+        """
         loss = None
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        muon_params, splits, updates, lrs = [], [], [], []
+        muon, adamw = [], []
         for group in self.param_groups:
             params = [p for p in group["params"] if p.grad is not None]
             for p in params:
@@ -101,36 +105,63 @@ class Muon(Optimizer):
                     else:
                         self.state[p]["exp_avg"] = torch.zeros_like(p)
                         self.state[p]["exp_avg_sq"] = torch.zeros_like(p)
-            lr = float(group["lr"])
-            if not params or lr == 0.0:  # torch's DCP state initialisation: change nothing
+            if not params or float(group["lr"]) == 0.0:  # torch's DCP state init: change nothing
                 continue
             group["muon_t"] += 1
-            wd = group["weight_decay"]
-            for p in params:
-                g, w = local_view(p.grad), local_view(p)
-                if group["use_muon"]:
-                    mu = group["momentum"]
-                    m = local_view(self.state[p]["momentum"])
-                    m.lerp_(g, 1.0 - mu)
-                    updates.append(torch.lerp(g, m, mu) if group["nesterov"] else m.clone())
-                    muon_params.append(p)
-                    splits.append(tuple(group["ns_split"]))
-                    lrs.append((w, lr, wd))
-                else:
-                    b1, b2 = group["adamw_betas"]
-                    t = group["muon_t"]
-                    m = local_view(self.state[p]["exp_avg"])
-                    v = local_view(self.state[p]["exp_avg_sq"])
-                    m.lerp_(g, 1.0 - b1)
-                    v.mul_(b2).addcmul_(g, g, value=1.0 - b2)
-                    denom = (v / (1.0 - b2**t)).sqrt_().add_(group["adamw_eps"])
-                    w.mul_(1.0 - lr * wd).addcdiv_(m, denom, value=-lr / (1.0 - b1**t))
-        if muon_params:
-            outs = self._muon.orthogonalize(muon_params, splits, updates)
-            for (w, lr, wd), o in zip(lrs, outs, strict=True):
-                w.mul_(1.0 - lr * wd).sub_(o, alpha=lr)
+            (muon if group["use_muon"] else adamw).append((group, params))
+
+        def adamw_branch() -> None:
+            for group, params in adamw:
+                _adamw_step(group, params, self.state)
+
+        if not muon:
+            adamw_branch()
+            return loss
+        updates: list[torch.Tensor] = []
+        for group, params in muon:
+            g = [local_view(p.grad) for p in params]
+            m = [local_view(self.state[p]["momentum"]) for p in params]
+            mu = group["momentum"]
+            torch._foreach_lerp_(m, g, 1.0 - mu)
+            updates += (
+                torch._foreach_lerp(g, m, mu) if group["nesterov"] else torch._foreach_mul(m, 1.0)
+            )
+        outs = self._muon.orthogonalize(
+            [p for _, params in muon for p in params],
+            [tuple(group["ns_split"]) for group, params in muon for _ in params],
+            updates,
+            overlap=adamw_branch,
+        )
+        start = 0
+        for group, params in muon:
+            w = [local_view(p) for p in params]
+            o = outs[start : start + len(params)]
+            start += len(params)
+            lr, wd = float(group["lr"]), group["weight_decay"]
+            if wd != 0.0:
+                torch._foreach_mul_(w, 1.0 - lr * wd)
+            torch._foreach_add_(w, o, alpha=-lr)
         return loss
 
     @property
     def ns_log(self) -> list[int]:
         return list(self._muon.ns.owned_log) if self._muon.ns else []
+
+
+def _adamw_step(group: dict[str, Any], params: list[torch.Tensor], state: Any) -> None:
+    """AdamW with decoupled weight decay on ``params`` (one group), in foreach calls."""
+    b1, b2 = group["adamw_betas"]
+    t, lr, wd = group["muon_t"], float(group["lr"]), group["weight_decay"]
+    w = [local_view(p) for p in params]
+    g = [local_view(p.grad) for p in params]
+    m = [local_view(state[p]["exp_avg"]) for p in params]
+    v = [local_view(state[p]["exp_avg_sq"]) for p in params]
+    torch._foreach_lerp_(m, g, 1.0 - b1)
+    torch._foreach_mul_(v, b2)
+    torch._foreach_addcmul_(v, g, g, value=1.0 - b2)
+    denom = torch._foreach_div(v, 1.0 - b2**t)
+    torch._foreach_sqrt_(denom)
+    torch._foreach_add_(denom, group["adamw_eps"])
+    if wd != 0.0:
+        torch._foreach_mul_(w, 1.0 - lr * wd)
+    torch._foreach_addcdiv_(w, m, denom, value=-lr / (1.0 - b1**t))

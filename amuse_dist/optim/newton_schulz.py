@@ -6,6 +6,9 @@ rank can orthogonalize all its same-shape matrices in one call.
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Callable
+
 import torch
 
 NS_COEFFS = (3.4445, -4.7750, 2.0315)
@@ -20,12 +23,18 @@ def ns_flops(rows: int, cols: int, steps: int = 5) -> int:
 
 
 def newton_schulz5(
-    g: torch.Tensor, steps: int = 5, dtype: torch.dtype = torch.bfloat16
+    g: torch.Tensor,
+    steps: int = 5,
+    dtype: torch.dtype = torch.bfloat16,
+    scale: float = 1.0,
 ) -> torch.Tensor:
-    """Approximately orthogonalize ``g`` (shape [..., rows, cols]) as in the spec.
+    """Approximately orthogonalize ``g`` (shape [..., rows, cols]) as in the spec, times ``scale``.
 
-    Cast to ``dtype`` (bf16 by default), transpose tall matrices, normalize by the Frobenius norm,
-    then ``steps`` iterations of X <- a X + (b A + c A A) X with A = X X^T. Returns ``dtype``.
+    Cast to ``dtype`` (bf16 by default), transpose tall matrices (so the Gram matrix is the small
+    side), normalize by the Frobenius norm, then ``steps`` iterations of X <- a X + (b A + c A A) X
+    with A = X X^T. Each iteration is three matmul calls in the addmm form: A = X X^T,
+    B = b A + c A A (one baddbmm), X = a X + B X (one baddbmm), so the polynomial costs no
+    separate elementwise passes; ``scale`` is folded into the last one. Returns ``dtype``.
     """
     if g.ndim < 2:
         raise ValueError(f"newton_schulz5 needs a matrix, got shape {tuple(g.shape)}")
@@ -34,14 +43,29 @@ def newton_schulz5(
     tall = g.size(-2) > g.size(-1)
     if tall:
         x = x.mT
+    batch_shape = x.shape[:-2]
+    x = x.reshape(-1, *x.shape[-2:])  # baddbmm wants exactly one batch dimension
     x = x / (x.norm(dim=(-2, -1), keepdim=True) + NS_EPS)
-    for _ in range(steps):
-        gram = x @ x.mT
-        poly = b * gram + c * (gram @ gram)
-        x = a * x + poly @ x
+    for i in range(steps):
+        s = scale if i == steps - 1 else 1.0
+        gram = torch.bmm(x, x.mT)
+        poly = torch.baddbmm(gram, gram, gram, beta=b, alpha=c)
+        x = torch.baddbmm(x, poly, x, beta=a * s, alpha=s)
+    x = x.reshape(*batch_shape, *x.shape[-2:])
     if tall:
         x = x.mT
     return x
+
+
+@functools.cache
+def compiled_newton_schulz5() -> Callable[..., torch.Tensor]:
+    """``newton_schulz5`` through ``torch.compile`` (built once per process).
+
+    Shapes are static per shape group and fixed from step to step, and ``steps``, ``dtype`` and
+    ``scale`` are the same for a shape group every step, so nothing recompiles after the first
+    step: one graph per (shape, batch size) on each owner.
+    """
+    return torch.compile(newton_schulz5, dynamic=False, fullgraph=True)
 
 
 def muon_scale(rows: int, cols: int) -> float:

@@ -68,6 +68,9 @@ class Anytime:
     trust_checkpoints: bool = False
     """Load checkpoints without amuse_meta.json (not written by amuse_dist); their pickled
     DCP .metadata can run code."""
+    sigterm_poll_steps: int = 10
+    """Ranks agree on "did any rank get SIGTERM" (a small CPU collective) every this many steps;
+    the run stops at the next such step, so allow this many steps of grace after the signal."""
 
 
 def job_config_cls() -> type:
@@ -274,6 +277,7 @@ _RANGES: dict[tuple[str, str], tuple[Any, str]] = {
     ("anytime", "nonfinite_skips"): _int_at_least(0),
     ("anytime", "keep_exports"): _int_at_least(0),
     ("anytime", "max_position_embeddings"): _int_at_least(0),
+    ("anytime", "sigterm_poll_steps"): _int_at_least(1),
 }
 
 

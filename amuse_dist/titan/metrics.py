@@ -77,6 +77,17 @@ class AmuseMetricsProcessor(MetricsProcessor):
         self._start: float | None = None  # wall time when training started in this process
         self._first: tuple[float, int] | None = None  # (time, step) of the first logged step
 
+    def before_step(self, step: int) -> None:
+        """Tell the optimizers whether ``step`` logs: the update RMS is only tracked then.
+
+        Tracking costs an extra pass over the updates and a per-parameter loop, so optimizers
+        that offer it (``track_update_rms``) skip it on the steps nobody reads it.
+        """
+        logs = self.should_log(step)
+        for opt in getattr(self.optimizers, "optimizers", []):
+            if hasattr(opt, "track_update_rms"):
+                opt.track_update_rms = logs
+
     def optimizer_metrics(self) -> dict[str, float]:
         """``amuse/*`` scalars from the first averaging optimizer (AMUSE, SF-AdamW)."""
         opts = averaging(self.optimizers) if self.optimizers is not None else []

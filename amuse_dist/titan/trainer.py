@@ -285,12 +285,21 @@ class AmuseTrainer(Trainer):
         logger.warning("SIGTERM: finishing this step, then saving a checkpoint and exiting")
 
     def _preemption_requested(self) -> bool:
-        """True on every rank once any rank got SIGTERM (all ranks must stop together)."""
-        if self._flag_group is None:
+        """True on every rank once any rank got SIGTERM (all ranks must stop together).
+
+        A collective, so it runs only every ``[anytime] sigterm_poll_steps`` steps (the same
+        steps on every rank, as all ranks share ``self.step``): a rank that got the signal stops
+        at the next multiple, at most that many steps later, together with all the others.
+        """
+        if self._flag_group is None or self.step % self.job_config.anytime.sigterm_poll_steps:
             return False
         flag = torch.tensor([int(self._sigterm)])
         dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self._flag_group)
         return bool(flag.item())
+
+    def train_step(self, data_iterator: Any) -> None:
+        self.metrics_processor.before_step(self.step)  # the optimizer learns if this step logs
+        super().train_step(data_iterator)
 
     def should_continue_training(self) -> bool:
         if self.step > 0 and self._preemption_requested():
