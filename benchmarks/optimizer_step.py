@@ -18,15 +18,17 @@ Sections (``--sections``, all by default), one process unless noted:
 * ``dist``  one ``torchrun`` per world size (gloo on CPU, OMP_NUM_THREADS=1 per rank; NCCL on
             CUDA): the FSDP2-sharded model's step for ``amuse`` (owner-wise NS), ``replicated``
             (every rank all-gathers every update and runs NS on everything, built here),
-            ``muon`` and ``adamw``; per-rank NS time (``orthogonalize_full`` wrapped: thread CPU
-            time on CPU, synchronized wall time on CUDA) and NS bytes sent (``all_to_all_single``
+            ``muon`` and ``adamw``; per-rank NS time (the optimizer's orthogonalizer, timed by
+            ``TimedNS``: thread CPU time on CPU, synchronized wall time on CUDA) and NS bytes sent (``all_to_all_single``
             wrapped). Acceptance (CPU): AMUSE's NS time, max over ranks, <= 0.6x the replicated
             variant's at world size 2 and <= 0.35x at world size 4.
 
-Exchange-plan time at 8/64/256/1024 fake ranks and the owner's peak extra memory are measured by
-the exchange's own code; ``EXTRA_SECTIONS`` below is where they plug in.
+* ``plan``  exchange-plan overhead per step at 8/64/256/1024 fake ranks (8B shapes, a fake process
+            group, identity NS), from benchmarks/exchange_plan.py.
+* ``memory`` the owner's peak extra memory for 8B at 8 ranks (meta tensors, real NS), default
+            wave size vs unpipelined vs one wave.
 
-Usage: python benchmarks/optimizer_step.py [--sections ops time dist] [--shapes debug 124m 8b]
+Usage: python benchmarks/optimizer_step.py [--sections ops time dist plan memory] [--shapes debug 124m 8b]
        [--dist-shapes debug] [--world-sizes 1 2 4] [--device auto|cpu|cuda] [--warmup 2]
        [--repeats 7] [--json PATH]
 """
@@ -258,9 +260,53 @@ def time_section(
     return rows
 
 
-# Sections measured by the exchange's own code (exchange-plan time at 8/64/256/1024 fake ranks,
-# owner peak extra memory): name -> function(args) returning rows to print and store in the JSON.
-EXTRA_SECTIONS: dict[str, Callable[[argparse.Namespace], list[dict[str, Any]]]] = {}
+# Sections measured by the exchange's own code (benchmarks/exchange_plan.py): exchange-plan time at
+# 8/64/256/1024 fake ranks and the owner's peak extra memory for the 8B shapes at 8 ranks.
+def plan_section(args: argparse.Namespace) -> list[dict[str, Any]]:
+    import exchange_plan as xp  # benchmarks/ is on sys.path when this script runs
+
+    rows = [
+        xp.time_exchange(world, rank, args.repeats)
+        for world in (8, 64, 256, 1024)
+        for rank in sorted({0, xp.heaviest_owner(world)})
+    ]
+    dist.destroy_process_group()
+    print(
+        "| fake ranks | rank | matrices owned | waves | plan build ms (once) | exchange ms/step |"
+    )
+    print("|---|---|---|---|---|---|")
+    for r in rows:
+        print(
+            f"| {r['ranks']} | {r['rank']} | {r['owned']} | {r['waves']} "
+            f"| {r['build_ms']:.0f} | {r['step_ms']:.2f} |"
+        )
+    return rows
+
+
+def memory_section(args: argparse.Namespace) -> list[dict[str, Any]]:
+    import exchange_plan as xp
+
+    from amuse_dist.distributed.plan import DEFAULT_WAVE_BYTES
+
+    rows = [
+        xp.owner_memory(8, DEFAULT_WAVE_BYTES, True),
+        xp.owner_memory(8, DEFAULT_WAVE_BYTES, False),
+        xp.owner_memory(8, None, True),
+    ]
+    dist.destroy_process_group()
+    print("| 8B at 8 ranks | waves | owner peak extra GiB |")
+    print("|---|---|---|")
+    for m in rows:
+        wave = "one wave" if m["wave_bytes"] is None else f"{m['wave_bytes'] / 2**20:.0f} MiB"
+        label = f"{wave}, {'pipelined' if m['pipeline'] else 'unpipelined'}"
+        print(f"| {label} | {m['waves']} | {m['peak_gib']:.2f} |")
+    return rows
+
+
+EXTRA_SECTIONS: dict[str, Callable[[argparse.Namespace], list[dict[str, Any]]]] = {
+    "plan": plan_section,
+    "memory": memory_section,
+}
 
 
 # --------------------------------------------------------------------------------------- probes
@@ -283,24 +329,29 @@ class Probe:
             torch.cuda.synchronize()
 
 
-def install_probes(probe: Probe) -> None:
-    """Wrap orthogonalize_full (NS time) and all_to_all_single (owner-wise bytes)."""
-    from amuse_dist.distributed import ownerwise_ns
+class TimedNS:
+    """An ``Orthogonalizer`` that times the one it wraps into the probe: the optimizer's NS5 is
+    passed in (``MuonBranch.orthogonalizer``), nothing is patched."""
 
-    orig_ns: Callable[..., Any] = ownerwise_ns.orthogonalize_full
+    def __init__(self, inner: Any, probe: Probe) -> None:
+        self.inner, self.probe, self.dtype = inner, probe, inner.dtype
 
-    def timed_ns(*args: Any, **kwargs: Any) -> Any:
-        probe.sync()
+    def __call__(self, batch: torch.Tensor) -> torch.Tensor:
+        self.probe.sync()
         c0, w0 = time.thread_time(), time.perf_counter()
-        out = orig_ns(*args, **kwargs)
-        probe.sync()
-        probe.ns_cpu += time.thread_time() - c0
-        probe.ns_wall += time.perf_counter() - w0
-        probe.ns_calls += 1
+        out = self.inner(batch)
+        self.probe.sync()
+        self.probe.ns_cpu += time.thread_time() - c0
+        self.probe.ns_wall += time.perf_counter() - w0
+        self.probe.ns_calls += 1
         return out
 
-    ownerwise_ns.orthogonalize_full = timed_ns  # OwnerwiseNewtonSchulz._run looks it up per call
+    def flops(self, rows: int, cols: int) -> float:
+        return self.inner.flops(rows, cols)
 
+
+def install_probes(probe: Probe) -> None:
+    """Wrap all_to_all_single (owner-wise bytes); NS time comes from ``TimedNS``."""
     orig_a2a: Callable[..., Any] = dist.all_to_all_single
 
     def counted_a2a(
@@ -326,9 +377,9 @@ def install_probes(probe: Probe) -> None:
 class ReplicatedMuonBranch:
     """Naive FSDP Muon: all-gather every update, NS5 on every matrix on every rank, keep shard."""
 
-    def __init__(self, ns_steps: int, ns_dtype: torch.dtype, replicated_group: Any, probe: Probe):
-        self.ns_steps = ns_steps
-        self.ns_dtype = ns_dtype
+    def __init__(self, orthogonalizer: Any, replicated_group: Any, probe: Probe):
+        self.orthogonalizer = orthogonalizer
+        self.ns_dtype = orthogonalizer.dtype
         self.replicated_group = replicated_group
         self.probe = probe
         self.ns = None  # AMUSE.ns_log reads this
@@ -367,7 +418,7 @@ class ReplicatedMuonBranch:
             else:
                 fulls.append(u)
         outs = ownerwise_ns.orthogonalize_full(
-            fulls, [tuple(s) for s in splits], self.ns_steps, self.ns_dtype
+            fulls, [tuple(s) for s in splits], self.orthogonalizer
         )
         local = []
         for p, o in zip(params, outs, strict=True):
@@ -386,12 +437,14 @@ def make_optimizer(name: str, model: nn.Module, probe: Probe) -> torch.optim.Opt
     if name == "adamw":
         return torch.optim.AdamW(model.parameters(), lr=1e-3, foreach=True, fused=False)
     if name == "muon":
-        return Muon(param_groups(model), lr=2e-3, weight_decay=0.1)
-    opt = AMUSE(param_groups(model), lr=0.01, warmup_steps=2000, weight_decay=0.05)
+        opt = Muon(param_groups(model), lr=2e-3, weight_decay=0.1)
+    else:
+        opt = AMUSE(param_groups(model), lr=0.01, warmup_steps=2000, weight_decay=0.05)
+    branch = opt._muon
+    branch.orthogonalizer = TimedNS(branch.orthogonalizer, probe)  # before the plan is built
     if name == "replicated":
-        branch = opt._muon
         opt._muon = ReplicatedMuonBranch(  # type: ignore[assignment]
-            branch.ns_steps, branch.ns_dtype, branch.replicated_group, probe
+            branch.orthogonalizer, branch.replicated_group, probe
         )
     return opt
 
@@ -530,8 +583,7 @@ def summarize(
 
 def check_exchange_model(raw: dict[str, Any]) -> bool | None:
     """Do the counted owner-wise bytes equal ns_balance's exchange model for these owners?"""
-    sys.path.insert(0, str(Path(__file__).parent))
-    from ns_balance import exchange_bytes
+    from ns_balance import exchange_bytes  # benchmarks/ is on sys.path when this script runs
 
     ws = raw["world_size"]
     amuse = raw["ranks"][0].get("amuse")
@@ -598,7 +650,9 @@ def dist_section(args: argparse.Namespace) -> dict[str, Any]:
         f"({'gloo, OMP_NUM_THREADS=1 per rank' if cpu else 'nccl'}); warm-up {args.warmup}, "
         f"median of {args.repeats} ({'sequential' if args.sequential else 'interleaved rounds'})"
     )
-    print(f"NS time = time inside orthogonalize_full per rank per step, measured as {timer}")
+    print(
+        f"NS time = time inside the optimizer's orthogonalizer per rank per step, measured as {timer}"
+    )
 
     summaries: dict[int, dict[str, dict[str, float]]] = {}
     raws: dict[int, Any] = {}

@@ -34,27 +34,64 @@ class AmuseHParams:
     """AMUSE's hyper-parameters (lr comes from ``[optimizer] lr``): the ``[amuse]`` TOML section
     and the defaults and checks of ``AMUSE.__init__``."""
 
-    warmup_steps: int = hparam(2000, lo=1, integer=True, on_resume="refuse")
+    warmup_steps: int = hparam(
+        2000,
+        lo=1,
+        integer=True,
+        on_resume="refuse",
+        why="the warmup constant c and beta_t that built the saved Y and Z depend on T0; X recovery would be wrong",
+    )
     """T0: linear warmup inside the optimizer (>= 1); no external LR schedule."""
-    beta1: float = hparam(0.6, lo=0, hi=1, lo_open=True, hi_open=True, on_resume="refuse")
+    beta1: float = hparam(
+        0.6,
+        lo=0,
+        hi=1,
+        lo_open=True,
+        hi_open=True,
+        on_resume="refuse",
+        why="the saved Y interpolates Z and X with the beta it defines",
+    )
     """Interpolation weight of X in Y during warmup, in (0, 1)."""
-    rho: float = hparam(0.8, lo=0, on_resume="refuse")
+    rho: float = hparam(
+        0.8,
+        lo=0,
+        on_resume="refuse",
+        why="beta_t after warmup depends on it; X recovery would be wrong",
+    )
     """Exponent of the post-warmup beta_t schedule, >= 0."""
-    momentum: float = hparam(0.95, lo=0, hi=1, hi_open=True)
+    momentum: float = hparam(
+        0.95, lo=0, hi=1, hi_open=True, why="the momentum buffer just decays at the new rate"
+    )
     """Muon-branch Nesterov momentum mu, in [0, 1)."""
-    weight_decay: float = hparam(0.0, lo=0)
+    weight_decay: float = hparam(0.0, lo=0, why="applied to Z at each next update")
     """Decoupled weight decay applied to Z, >= 0."""
-    betas2: float = hparam(0.999, lo=0, hi=1, hi_open=True)
+    betas2: float = hparam(
+        0.999, lo=0, hi=1, hi_open=True, why="decay of the AdamW branch's second moment"
+    )
     """AdamW-branch second-moment decay, in [0, 1)."""
-    eps: float = hparam(1e-10, lo=0, lo_open=True)
+    eps: float = hparam(1e-10, lo=0, lo_open=True, why="a denominator guard of each next update")
     """AdamW-branch epsilon, > 0."""
-    weight_lr_power: float = hparam(2.0, lo=0, on_resume="refuse")
+    weight_lr_power: float = hparam(
+        2.0,
+        lo=0,
+        on_resume="refuse",
+        why="the saved weight sum accumulated t**r * lr**p with the old p",
+    )
     """p in w_t = t**r * lr_t**p, >= 0."""
-    r: float = hparam(0.0, lo=0, on_resume="refuse")
+    r: float = hparam(
+        0.0,
+        lo=0,
+        on_resume="refuse",
+        why="the saved weight sum accumulated t**r * lr**p with the old r",
+    )
     """r in w_t = t**r * lr_t**p, >= 0."""
-    ns_steps: int = hparam(5, lo=1, integer=True)
+    ns_steps: int = hparam(
+        5, lo=1, integer=True, why="Newton-Schulz iterations of each next update"
+    )
     """Newton-Schulz iterations, >= 1."""
-    exact_x: bool = hparam(False, on_resume="refuse")
+    exact_x: bool = hparam(
+        False, on_resume="refuse", why="changes which beta builds Y from Z and X"
+    )
     """Recover X with the beta that built Y (exact) instead of beta_t (reference code)."""
     hsdp_mode: str = hparam("auto", choices=HSDP_MODES)
     """HSDP: "split" orthogonalizes each matrix once per job (matrices split across replica
@@ -66,15 +103,31 @@ class AmuseHParams:
 class ScheduleFreeAdamWHParams:
     """Schedule-Free AdamW (AMUSE without a Muon branch, rho = 0): the ``[sf_adamw]`` section."""
 
-    warmup_steps: int = hparam(2000, lo=1, integer=True, on_resume="refuse")
+    warmup_steps: int = hparam(
+        2000,
+        lo=1,
+        integer=True,
+        on_resume="refuse",
+        why="the saved weight sum and the X/Y interpolation were built with the old warmup",
+    )
     """Linear warmup inside the optimizer (>= 1); no external LR schedule."""
-    beta1: float = hparam(0.9, lo=0, hi=1, lo_open=True, hi_open=True, on_resume="refuse")
+    beta1: float = hparam(
+        0.9,
+        lo=0,
+        hi=1,
+        lo_open=True,
+        hi_open=True,
+        on_resume="refuse",
+        why="the saved Y interpolates Z and X with it",
+    )
     """Interpolation weight of X in Y (constant: rho = 0), in (0, 1)."""
-    betas2: float = hparam(0.9999, lo=0, hi=1, hi_open=True)
+    betas2: float = hparam(
+        0.9999, lo=0, hi=1, hi_open=True, why="decay of the second moment from the next step"
+    )
     """Second-moment decay, in [0, 1)."""
-    eps: float = hparam(1e-8, lo=0, lo_open=True)
+    eps: float = hparam(1e-8, lo=0, lo_open=True, why="a denominator guard of each next update")
     """Epsilon, > 0."""
-    weight_decay: float = hparam(0.1, lo=0)
+    weight_decay: float = hparam(0.1, lo=0, why="applied to each next update")
     """Decoupled weight decay applied to Z, >= 0."""
 
 

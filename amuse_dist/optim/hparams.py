@@ -19,6 +19,7 @@ from typing import Any, Literal
 RANGE = "amuse_range"
 CHOICES = "amuse_choices"
 RESUME = "amuse_resume"
+WHY = "amuse_resume_why"
 
 # How a resume treats a changed value: applied from the next step, or refused (the saved state
 # depends on it; see docs/checkpoints.md).
@@ -66,13 +67,18 @@ def hparam(
     integer: bool = False,
     choices: tuple[str, ...] = (),
     on_resume: OnResume = "apply",
+    why: str = "",
 ) -> Any:
-    """A dataclass field with its valid range (or string ``choices``) and its resume rule
-    (document it with a docstring below the field, as torchtitan's config does)."""
+    """A dataclass field with its valid range (or string ``choices``) and its resume rule: may a
+    resume change it, and ``why`` (document the field with a docstring below it, as
+    torchtitan's config does)."""
     rng = None
     if integer or lo != -math.inf or hi != math.inf:
         rng = Range(lo, hi, lo_open, hi_open, integer)
-    return field(default=default, metadata={RANGE: rng, CHOICES: tuple(choices), RESUME: on_resume})
+    return field(
+        default=default,
+        metadata={RANGE: rng, CHOICES: tuple(choices), RESUME: on_resume, WHY: why},
+    )
 
 
 def ranges(cls: type) -> dict[str, Range]:
@@ -80,9 +86,15 @@ def ranges(cls: type) -> dict[str, Range]:
     return {f.name: f.metadata[RANGE] for f in dataclasses.fields(cls) if f.metadata.get(RANGE)}
 
 
-def on_resume(cls: type) -> dict[str, OnResume]:
-    """{field name: "apply" | "refuse"}: what a resume may do with a changed value."""
-    return {f.name: f.metadata.get(RESUME, "apply") for f in dataclasses.fields(cls)}
+def on_resume(cls: type) -> dict[str, tuple[OnResume, str]]:
+    """{field name: ("apply" | "refuse", why)}: what a resume may do with a changed value."""
+    return {
+        f.name: (
+            f.metadata.get(RESUME, "apply"),
+            f.metadata.get(WHY) or "used as it comes from the next step",
+        )
+        for f in dataclasses.fields(cls)
+    }
 
 
 def range_errors(cls: type, values: Mapping[str, Any]) -> list[tuple[str, Any, str]]:

@@ -27,19 +27,29 @@ class MuonHParams:
     """Muon's hyper-parameters (lr comes from ``[optimizer] lr``, its schedule from
     ``[lr_scheduler]``): the ``[muon]`` TOML section and the defaults and checks of ``Muon``."""
 
-    momentum: float = hparam(0.95, lo=0, hi=1, hi_open=True)
+    momentum: float = hparam(
+        0.95, lo=0, hi=1, hi_open=True, why="the momentum buffer just decays at the new rate"
+    )
     """Muon-branch momentum, in [0, 1)."""
-    nesterov: bool = hparam(True)
+    nesterov: bool = hparam(True, why="how each next update reads the momentum")
     """Nesterov momentum for the Muon branch."""
-    weight_decay: float = hparam(0.0, lo=0)
+    weight_decay: float = hparam(0.0, lo=0, why="applied to each next update")
     """Decoupled weight decay (both branches), >= 0."""
-    adamw_beta1: float = hparam(0.8, lo=0, hi=1, hi_open=True)
+    adamw_beta1: float = hparam(
+        0.8, lo=0, hi=1, hi_open=True, why="decay of the AdamW branch's first moment"
+    )
     """AdamW branch (embeddings, head, norms): first-moment decay, in [0, 1)."""
-    adamw_beta2: float = hparam(0.999, lo=0, hi=1, hi_open=True)
+    adamw_beta2: float = hparam(
+        0.999, lo=0, hi=1, hi_open=True, why="decay of the AdamW branch's second moment"
+    )
     """AdamW branch: second-moment decay, in [0, 1)."""
-    adamw_eps: float = hparam(1e-8, lo=0, lo_open=True)
+    adamw_eps: float = hparam(
+        1e-8, lo=0, lo_open=True, why="a denominator guard of each next update"
+    )
     """AdamW branch: epsilon, > 0."""
-    ns_steps: int = hparam(5, lo=1, integer=True)
+    ns_steps: int = hparam(
+        5, lo=1, integer=True, why="Newton-Schulz iterations of each next update"
+    )
     """Newton-Schulz iterations, >= 1."""
     hsdp_mode: str = hparam("auto", choices=HSDP_MODES)
     """HSDP: "split" (each matrix once per job), "per_replica" (once per replica group) or

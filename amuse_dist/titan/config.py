@@ -273,7 +273,10 @@ _RANGES: dict[tuple[str, str], tuple[Any, str]] = {
     ("training", "max_norm"): _in(0, math.inf),
     ("metrics", "log_freq"): _int_at_least(1),
     ("checkpoint", "interval"): _int_at_least(1),
-    ("checkpoint", "keep_latest_k"): (lambda v: v >= 0, "an int >= 0 (0 keeps every checkpoint)"),
+    ("checkpoint", "keep_latest_k"): (
+        lambda v: v == 0 or v >= 2,
+        "0 (keep every checkpoint) or an int >= 2 (torchtitan keeps at least 2)",
+    ),
     ("anytime", "nonfinite_skips"): _int_at_least(0),
     ("anytime", "keep_exports"): _int_at_least(0),
     ("anytime", "max_position_embeddings"): _int_at_least(0),

@@ -1,6 +1,7 @@
 """The resume contract: which hyper-parameters a resume may change, and which it refuses.
 
-One table keyed by (section, key). A resume compares the checkpoint's saved config
+One table keyed by (section, key): torchtitan's keys here, the optimizers' keys from the field
+metadata of their hyper-parameter dataclasses. A resume compares the checkpoint's saved config
 (``amuse_meta.json``) with the new one for every key listed here:
 
 - ``CHANGEABLE``: the new value is applied from the next step (the optimizer's param groups and
@@ -18,10 +19,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from amuse_dist.optim import hparams, registry
+
 CHANGEABLE, REFUSED = "changeable", "refused"
 
-# (section, key) -> (policy, why)
-RESUME_CONTRACT: dict[tuple[str, str], tuple[str, str]] = {
+# torchtitan's own sections: (section, key) -> (policy, why). The optimizers' sections come
+# from their hyper-parameter dataclasses (``hparam(on_resume=..., why=...)``), see ``contract()``.
+TITAN_CONTRACT: dict[tuple[str, str], tuple[str, str]] = {
     ("optimizer", "lr"): (
         CHANGEABLE,
         "scales the next updates; the schedule-free weights use each step's lr as it comes",
@@ -31,48 +35,26 @@ RESUME_CONTRACT: dict[tuple[str, str], tuple[str, str]] = {
     ("optimizer", "beta2"): (CHANGEABLE, "decay of the second moment from the next step"),
     ("optimizer", "beta1"): (
         REFUSED,
-        "the saved first moment (AdamW) or the X/Y interpolation "
-        "(ScheduleFreeAdamW) was built with it",
+        "the saved first moment (AdamW) or the X/Y interpolation (ScheduleFreeAdamW) was built with it",
     ),
     ("lr_scheduler", "warmup_steps"): (CHANGEABLE, "the schedule is rebuilt from the config"),
     ("lr_scheduler", "decay_ratio"): (CHANGEABLE, "the schedule is rebuilt from the config"),
     ("lr_scheduler", "decay_type"): (CHANGEABLE, "the schedule is rebuilt from the config"),
     ("lr_scheduler", "min_lr_factor"): (CHANGEABLE, "the schedule is rebuilt from the config"),
     ("training", "max_norm"): (CHANGEABLE, "gradient clipping of each next step"),
-    ("amuse", "momentum"): (CHANGEABLE, "the momentum buffer just decays at the new rate"),
-    ("amuse", "weight_decay"): (CHANGEABLE, "applied to Z at each next update"),
-    ("amuse", "betas2"): (CHANGEABLE, "decay of the AdamW branch's second moment"),
-    ("amuse", "eps"): (CHANGEABLE, "a denominator guard of each next update"),
-    ("amuse", "ns_steps"): (CHANGEABLE, "Newton-Schulz iterations of each next update"),
-    ("amuse", "warmup_steps"): (
-        REFUSED,
-        "the warmup constant c and beta_t that built the saved "
-        "Y and Z depend on T0; X recovery would be wrong",
-    ),
-    ("amuse", "beta1"): (REFUSED, "the saved Y interpolates Z and X with the beta it defines"),
-    ("amuse", "rho"): (REFUSED, "beta_t after warmup depends on it; X recovery would be wrong"),
-    ("amuse", "weight_lr_power"): (
-        REFUSED,
-        "the saved weight sum accumulated t**r * lr**p with the old p",
-    ),
-    ("amuse", "r"): (REFUSED, "the saved weight sum accumulated t**r * lr**p with the old r"),
-    ("amuse", "exact_x"): (REFUSED, "changes which beta builds Y from Z and X"),
-    ("muon", "weight_decay"): (CHANGEABLE, "applied to each next update"),
-    ("sf_adamw", "warmup_steps"): (
-        REFUSED,
-        "the saved weight sum and the X/Y interpolation were built with the old warmup",
-    ),
-    ("sf_adamw", "beta1"): (REFUSED, "the saved Y interpolates Z and X with it"),
-    ("sf_adamw", "betas2"): (CHANGEABLE, "decay of the second moment from the next step"),
-    ("sf_adamw", "eps"): (CHANGEABLE, "a denominator guard of each next update"),
-    ("sf_adamw", "weight_decay"): (CHANGEABLE, "applied to each next update"),
-    ("muon", "momentum"): (CHANGEABLE, "the momentum buffer just decays at the new rate"),
-    ("muon", "nesterov"): (CHANGEABLE, "how each next update reads the momentum"),
-    ("muon", "ns_steps"): (CHANGEABLE, "Newton-Schulz iterations of each next update"),
-    ("muon", "adamw_beta1"): (CHANGEABLE, "decay of the AdamW branch's first moment"),
-    ("muon", "adamw_beta2"): (CHANGEABLE, "decay of the AdamW branch's second moment"),
-    ("muon", "adamw_eps"): (CHANGEABLE, "a denominator guard of each next update"),
 }
+
+
+def contract() -> dict[tuple[str, str], tuple[str, str]]:
+    """The whole contract: torchtitan's keys, and every registered optimizer's section as its
+    hyper-parameter dataclass says (one source: the field metadata)."""
+    out = dict(TITAN_CONTRACT)
+    for spec in registry.specs():
+        if spec.section is None or spec.hparams is None:
+            continue
+        for key, (policy, why) in hparams.on_resume(spec.hparams).items():
+            out[(spec.section, key)] = (REFUSED if policy == "refuse" else CHANGEABLE, why)
+    return out
 
 
 @dataclass
@@ -92,7 +74,7 @@ class Change:
 def changes(saved: dict[str, Any], new: dict[str, Any]) -> list[Change]:
     """Every contract key whose value differs between two ``dataclasses.asdict`` configs."""
     out = []
-    for (section, key), (policy, why) in RESUME_CONTRACT.items():
+    for (section, key), (policy, why) in contract().items():
         s, n = saved.get(section, {}), new.get(section, {})
         if key not in s or key not in n:
             continue
