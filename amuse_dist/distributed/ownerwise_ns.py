@@ -56,9 +56,13 @@ class Orthogonalizer(Protocol):
 def orthogonalize_batch(
     batch: torch.Tensor, splits: tuple[int, ...], orth: Orthogonalizer
 ) -> torch.Tensor:
-    """orth on a [b, rows, cols] batch, each row block of ``splits`` separately (fused QKV)."""
+    """orth on a [b, rows, cols] batch, each row block of ``splits`` separately (fused QKV).
+
+    Contiguous, whatever the orthogonalizer returns (NS5 hands tall matrices back transposed):
+    the exchange slices and flattens the results in place.
+    """
     if not splits:
-        return orth(batch)
+        return orth(batch).contiguous()
     out = torch.empty(batch.shape, dtype=orth.dtype, device=batch.device)
     start = 0
     for rows in splits:
