@@ -431,6 +431,7 @@ def dataset_configs() -> dict[str, Any]:
         "fineweb_edu": cfg("HuggingFaceFW/fineweb-edu", _load_fineweb_edu),
         # read by amuse_dist.titan.token_shards, never through torchtitan's text datasets
         "token_shards": cfg("data/shards", _token_shards_elsewhere),
+        "token_shards_validation": cfg("data/shards", _token_shards_elsewhere),
     }
 
 

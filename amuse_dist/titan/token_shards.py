@@ -41,6 +41,9 @@ from amuse_dist.data.shards import SplitReader, read_index
 from amuse_dist.data.tokenizer import Encoder
 
 DATASET = "token_shards"
+DATASETS = (DATASET, "token_shards_validation")
+"""Names read by these loaders; the split comes from the section ([training] reads train,
+[validation] reads validation), so ``token_shards_validation`` is only an alias."""
 STATE_KEY = "global"
 """The one state-dict key, the same bytes on every rank (DCP keeps one copy)."""
 _STATE_VERSION = 1
@@ -115,7 +118,7 @@ def check_job_config(job_config: Any) -> list[str]:
     """Every token-shard problem of a config, one message each (empty when fine or unused)."""
     errors: list[str] = []
     t, v = job_config.training, job_config.validation
-    if t.dataset == DATASET:
+    if t.dataset in DATASETS:
         try:
             reader = _open(job_config, "training", "train", t.seq_len, data_seed(job_config))
             gbs = t.global_batch_size if t.global_batch_size > 0 else t.local_batch_size
@@ -126,7 +129,7 @@ def check_job_config(job_config: Any) -> list[str]:
                 )
         except DataError as e:
             errors.append(str(e))
-    if v.enable and v.dataset == DATASET:
+    if v.enable and v.dataset in DATASETS:
         try:
             if v.seq_len > t.seq_len:
                 raise DataError(
@@ -389,7 +392,7 @@ def build_dataloader(
     """The train spec's ``build_dataloader_fn``: token shards, or the global-stream loader."""
     from amuse_dist.titan.global_batches import build_global_batch_dataloader
 
-    if job_config.training.dataset == DATASET:
+    if job_config.training.dataset in DATASETS:
         return build_token_shard_dataloader(dp_world_size, dp_rank, tokenizer, job_config)
     return build_global_batch_dataloader(dp_world_size, dp_rank, tokenizer, job_config, infinite)
 
@@ -400,7 +403,7 @@ def build_validation_dataloader(
     """Validation loader: token shards, or torchtitan's text loader for other datasets."""
     from torchtitan.hf_datasets.text_datasets import build_text_validation_dataloader
 
-    if job_config.validation.dataset == DATASET:
+    if job_config.validation.dataset in DATASETS:
         return build_token_shard_validation_dataloader(dp_world_size, dp_rank, job_config)
     return build_text_validation_dataloader(
         job_config=job_config,
