@@ -318,3 +318,22 @@ def test_trainer_refuses_a_tokenizer_mismatch_before_starting(
     assert proc.returncode == 2, proc.stderr[-3000:]
     assert "tokenizer mismatch" in proc.stderr and str(other) in proc.stderr
     assert not (dump / "checkpoint").exists()
+
+
+def test_prepare_from_a_streamed_hf_dataset(prepared: dict[str, Path], tmp_path: Path) -> None:
+    """The HF path (streaming, text field, document cap), offline on a local dataset folder."""
+    out = tmp_path / "hf_shards"
+    index = prepare(
+        out,
+        prepared["tokenizer"],
+        hf_name=str(prepared["folder"] / "validation"),
+        validation_fraction=0.0,
+        max_documents=7,
+        progress=False,
+    )
+    assert index["source"]["kind"] == "hf" and index["splits"]["train"]["documents"] == 7
+    assert "validation" not in index["splits"]
+    first = json.loads((prepared["folder"] / "validation" / "v.jsonl").read_text().split("\n")[0])
+    want = Encoder(prepared["tokenizer"]).encode_batch([first["text"]])[0]
+    got = np.fromfile(out / "train-00000.bin", np.uint16)[: want.size]
+    assert got.tolist() == want.tolist()
