@@ -13,7 +13,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -173,18 +173,3 @@ def fingerprint(tok: Any, bos: str | None, eos: str | None) -> str:
     h = hashlib.sha256(tok.to_str().encode("utf-8"))
     h.update(f"\0bos={bos}\0eos={eos}".encode())
     return "sha256:" + h.hexdigest()
-
-
-def folder_fingerprint(folder: Path | str) -> str:
-    return Encoder(folder).fingerprint
-
-
-def batched(texts: Iterable[str], size: int = 256) -> Iterator[list[str]]:
-    buf: list[str] = []
-    for t in texts:
-        buf.append(t)
-        if len(buf) >= size:
-            yield buf
-            buf = []
-    if buf:
-        yield buf
