@@ -212,6 +212,8 @@ def job_config_for(target: Path, kind: str, args: argparse.Namespace) -> Any:
     config.metrics.enable_wandb = False
     config.anytime.save_on_sigterm = False
     config.validation.enable = True
+    # the training loader is built but never read: let it fit any number of eval ranks
+    config.training.global_batch_size = -1
     overrides = {
         "steps": args.steps,
         "local_batch_size": args.batch_size,

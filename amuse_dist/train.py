@@ -38,6 +38,11 @@ def main(argv: list[str] | None = None) -> None:
     train_spec.register()
     try:
         config = load_job_config(args)
+        from amuse_dist.titan.token_shards import check_job_config
+
+        data_errors = check_job_config(config)  # shards, tokenizer, vocab, sizes
+        if data_errors:
+            raise ConfigError("invalid data:\n  " + "\n  ".join(data_errors))
     except ConfigError as e:
         print(f"amuse-train: {e}", file=sys.stderr)
         raise SystemExit(2) from None
@@ -45,6 +50,7 @@ def main(argv: list[str] | None = None) -> None:
     _warn_missing_tokenizer(config, logger)
     launch.offline_hub_defaults(launch.job_datasets(config))
     launch.single_process_env()
+    from amuse_dist.data import DataError
     from amuse_dist.titan.run_format import RunError
     from amuse_dist.titan.trainer import AmuseTrainer, dump_full_state
 
@@ -59,6 +65,11 @@ def main(argv: list[str] | None = None) -> None:
             trainer.checkpointer.save(curr_step=0, last_step=True)
         else:
             trainer.train()
+    except DataError as e:  # names the file or both values: no traceback
+        if trainer is not None:
+            trainer.close()
+        print(f"amuse-train: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
     except RunError as e:  # already names the path or key and the problem: no traceback
         if trainer is not None:
             trainer.close()

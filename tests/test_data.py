@@ -182,3 +182,21 @@ def test_missing_or_empty_paths(tmp_path: Path) -> None:
         data._load_local_corpus(str(tmp_path / "empty"))
     with pytest.raises(FileNotFoundError):
         data.train_local_tokenizer(tmp_path / "empty", tmp_path / "tok")
+
+
+def test_offline_tokenizer_tokenizes_in_transformers_as_in_training(
+    assets: tuple[Path, Path],
+) -> None:
+    """AutoTokenizer on the offline folder: BOS prepended, bos/eos ids declared, the same ids as
+    torchtitan's training encoding (which also appends EOS per document)."""
+    from torchtitan.components.tokenizer import HuggingFaceTokenizer
+    from transformers import AutoTokenizer
+
+    corpus, tok_dir = assets
+    hf = AutoTokenizer.from_pretrained(str(tok_dir))
+    titan = HuggingFaceTokenizer(str(tok_dir))
+    assert (hf.bos_token_id, hf.eos_token_id) == (titan.bos_id, titan.eos_id) == (0, 1)
+    for text in _texts(corpus / "validation")[:2] + ["héllo  wörld ✓"]:
+        training = titan.encode(text, add_bos=True, add_eos=True)
+        assert training[0] == 0 and training.count(0) == 1  # one BOS, not two
+        assert hf(text)["input_ids"] == training[:-1]

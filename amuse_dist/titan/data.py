@@ -25,9 +25,11 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
-BOS_TOKEN = "<|begin_of_text|>"
-EOS_TOKEN = "<|end_of_text|>"
-SPECIAL_TOKENS = (BOS_TOKEN, EOS_TOKEN)
+from amuse_dist.data.errors import DataError
+from amuse_dist.data.tokenizer import BOS_TOKEN, EOS_TOKEN, MIN_VOCAB, SPECIAL_TOKENS
+from amuse_dist.data.tokenizer import atomic_write_text as _atomic_write_text
+
+__all__ = ["BOS_TOKEN", "EOS_TOKEN", "SPECIAL_TOKENS", "DataError", "prepare_assets"]
 
 DEFAULT_MAX_BYTES = 6_000_000
 VALIDATION_PER_MILLE = 40  # ~4% of the source files go to validation
@@ -38,7 +40,7 @@ SHARD_BYTES = 1_000_000  # several train shards so streaming readers can split b
 CORPUS_MARKER = ".corpus_complete.json"
 TOKENIZER_MARKER = ".tokenizer_complete.json"
 _CORPUS_VERSION = 2
-_TOKENIZER_VERSION = 1
+_TOKENIZER_VERSION = 2  # 2: BOS post-processor, special_tokens_map.json
 
 # Folders of the stdlib that are not ordinary prose/code (third-party packages differ between
 # machines; tests and codec tables are huge and repetitive).
@@ -60,16 +62,6 @@ TEXT_EXTENSIONS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".t
 # --------------------------------------------------------------------------------------------
 # small file helpers
 # --------------------------------------------------------------------------------------------
-
-
-def _atomic_write_text(path: Path, text: str) -> None:
-    """Write via a temp file + rename so readers never see a half-written file."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def _read_marker(path: Path) -> dict[str, Any] | None:
@@ -249,32 +241,6 @@ def _iter_jsonl_texts(files: list[Path], batch: int = 256) -> Iterator[list[str]
         yield buf
 
 
-def _tokenizer_config(tokenizer: Any) -> dict[str, Any]:
-    """tokenizer_config.json as torchtitan's HuggingFaceTokenizer (and transformers) read it:
-    bos/eos by name plus ``added_tokens_decoder`` with their ids."""
-    decoder = {
-        str(tokenizer.token_to_id(tok)): {
-            "content": tok,
-            "lstrip": False,
-            "normalized": False,
-            "rstrip": False,
-            "single_word": False,
-            "special": True,
-        }
-        for tok in SPECIAL_TOKENS
-    }
-    return {
-        "tokenizer_class": "PreTrainedTokenizerFast",
-        "bos_token": BOS_TOKEN,
-        "eos_token": EOS_TOKEN,
-        "add_bos_token": True,
-        "add_eos_token": False,
-        "clean_up_tokenization_spaces": False,
-        "model_max_length": 1_000_000,
-        "added_tokens_decoder": decoder,
-    }
-
-
 def train_local_tokenizer(
     corpus_dir: Path | str, out_dir: Path | str, vocab_size: int = 2048
 ) -> Path:
@@ -284,13 +250,12 @@ def train_local_tokenizer(
     (ids 0 and 1), so pass the model's vocab size. Writes ``tokenizer.json`` and
     ``tokenizer_config.json`` into ``out_dir`` (point ``model.hf_assets_path`` at it); idempotent.
     """
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from amuse_dist.data.tokenizer import train_bpe, write_tokenizer
 
     corpus_dir, out_dir = Path(corpus_dir), Path(out_dir)
-    min_vocab = 256 + len(SPECIAL_TOKENS)
-    if vocab_size < min_vocab:
+    if vocab_size < MIN_VOCAB:
         raise ValueError(
-            f"vocab_size must be >= {min_vocab} for a byte-level BPE, got {vocab_size}"
+            f"vocab_size must be >= {MIN_VOCAB} for a byte-level BPE, got {vocab_size}"
         )
     train_dir = corpus_dir / "train" if (corpus_dir / "train").is_dir() else corpus_dir
     files = sorted(train_dir.glob("*.jsonl"))
@@ -313,23 +278,8 @@ def train_local_tokenizer(
             return out_dir
         out_dir.mkdir(parents=True, exist_ok=True)
         marker.unlink(missing_ok=True)
-        tok = Tokenizer(models.BPE())
-        tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-        tok.decoder = decoders.ByteLevel()
-        trainer = trainers.BpeTrainer(
-            vocab_size=vocab_size,
-            min_frequency=2,
-            special_tokens=list(SPECIAL_TOKENS),
-            initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-            show_progress=False,
-        )
-        tok.train_from_iterator(_iter_jsonl_texts(files), trainer=trainer)
-        if tok.get_vocab_size() > vocab_size:  # guard: the model's embedding must cover every id
-            raise RuntimeError(f"trained vocab {tok.get_vocab_size()} exceeds {vocab_size}")
-        _atomic_write_text(out_dir / "tokenizer.json", tok.to_str())
-        _atomic_write_text(
-            out_dir / "tokenizer_config.json", json.dumps(_tokenizer_config(tok), indent=2)
-        )
+        tok = train_bpe(_iter_jsonl_texts(files), vocab_size)  # amuse-tokenizer's trainer
+        write_tokenizer(tok, out_dir)
         info = {"params": params, "trained_vocab_size": tok.get_vocab_size()}
         _atomic_write_text(marker, json.dumps(info, indent=1))
     return out_dir
@@ -399,6 +349,9 @@ def _load_local_text(path: str, split: str = "train", streaming: bool = False) -
     from datasets import concatenate_datasets, load_dataset
 
     files = _text_files(_split_folder(path, split), tuple(TEXT_EXTENSIONS))
+    for p in files:
+        if p.suffix != ".parquet":
+            _check_utf8(p)
     by_builder: dict[str, list[str]] = {}
     for p in files:
         by_builder.setdefault(TEXT_EXTENSIONS[p.suffix], []).append(str(p))
@@ -416,10 +369,45 @@ def _load_local_text(path: str, split: str = "train", streaming: bool = False) -
     return parts[0] if len(parts) == 1 else concatenate_datasets(parts)
 
 
+def _check_utf8(path: Path, block: int = 1 << 20) -> None:
+    """Raise DataError naming ``path`` when it is not UTF-8 text (HF datasets' own error names
+    neither the file nor the byte)."""
+    import codecs
+
+    decoder = codecs.getincrementaldecoder("utf-8")()
+    offset = 0
+    with open(path, "rb") as f:
+        while chunk := f.read(block):
+            try:
+                decoder.decode(chunk)
+                nul = chunk.find(b"\0")
+                if nul >= 0:
+                    raise DataError(
+                        f"{path}: binary data (a NUL byte at byte {offset + nul}), not UTF-8 text"
+                    )
+            except UnicodeDecodeError as e:
+                raise DataError(
+                    f"{path}: not UTF-8 text (invalid byte at byte {offset + e.start}); "
+                    "convert it to UTF-8 or remove it from the dataset folder"
+                ) from None
+            offset += len(chunk)
+        try:
+            decoder.decode(b"", final=True)
+        except UnicodeDecodeError:
+            raise DataError(f"{path}: not UTF-8 text (truncated character at the end)") from None
+
+
 def _load_fineweb_edu(path: str) -> Any:
     from datasets import load_dataset
 
     return load_dataset(path, name="sample-10BT", split="train", streaming=True)
+
+
+def _token_shards_elsewhere(path: str) -> Any:
+    raise DataError(
+        f"token_shards ({path}) is read by the llama3_amuse train spec's own dataloaders "
+        "(amuse_dist.titan.token_shards), not by torchtitan's text datasets"
+    )
 
 
 def _text_field(sample: dict[str, Any]) -> str:
@@ -441,6 +429,9 @@ def dataset_configs() -> dict[str, Any]:
         "local_text": cfg("data", partial(_load_local_text, split="train")),
         "local_text_validation": cfg("data", partial(_load_local_text, split="validation")),
         "fineweb_edu": cfg("HuggingFaceFW/fineweb-edu", _load_fineweb_edu),
+        # read by amuse_dist.titan.token_shards, never through torchtitan's text datasets
+        "token_shards": cfg("data/shards", _token_shards_elsewhere),
+        "token_shards_validation": cfg("data/shards", _token_shards_elsewhere),
     }
 
 

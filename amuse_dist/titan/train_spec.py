@@ -12,9 +12,9 @@ from torchtitan.models.llama3.infra.parallelize import parallelize_llama
 from torchtitan.protocols.train_spec import TrainSpec, get_train_spec, register_train_spec
 
 from amuse_dist.titan import cpu
-from amuse_dist.titan.global_batches import build_global_batch_dataloader
 from amuse_dist.titan.metrics import build_amuse_metrics_processor
 from amuse_dist.titan.optimizers import make_build_optimizers
+from amuse_dist.titan.token_shards import build_dataloader
 from amuse_dist.titan.validator import build_anytime_validator
 
 NAME = "llama3_amuse"
@@ -97,7 +97,7 @@ def get_amuse_train_spec() -> TrainSpec:
         pipelining_fn=base.pipelining_fn,
         build_optimizers_fn=make_build_optimizers(get_job_config),
         build_lr_schedulers_fn=base.build_lr_schedulers_fn,
-        build_dataloader_fn=build_global_batch_dataloader,
+        build_dataloader_fn=build_dataloader,
         build_tokenizer_fn=base.build_tokenizer_fn,
         build_loss_fn=base.build_loss_fn,
         build_validator_fn=build_anytime_validator,

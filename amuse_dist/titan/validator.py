@@ -17,13 +17,14 @@ import torch
 import torch.nn as nn
 from torch.distributed.fsdp import FSDPModule
 from torchtitan.components.loss import IGNORE_INDEX
-from torchtitan.components.validate import Validator
+from torchtitan.components.validate import BaseValidator, Validator
 from torchtitan.distributed import utils as dist_utils
 from torchtitan.tools import utils
 from torchtitan.tools.logging import logger
 
 from amuse_dist.distributed.layout import local_view
 from amuse_dist.optim.protocols import averaging
+from amuse_dist.titan.token_shards import build_validation_dataloader
 
 
 def averaged_weights(optimizers: Any) -> dict[torch.Tensor, torch.Tensor]:
@@ -70,14 +71,45 @@ def weights_swapped(
 class AnytimeValidator(Validator):
     """Validator that reports the loss at X (``validation_x/loss``) and Y (``validation_y/loss``)."""
 
-    def __init__(self, *args: Any, validate_x: bool = True, validate_y: bool = True, **kwargs: Any):
-        super().__init__(*args, **kwargs)
+    def __init__(
+        self,
+        job_config: Any,
+        dp_world_size: int,
+        dp_rank: int,
+        tokenizer: Any,
+        parallel_dims: Any,
+        loss_fn: Any,
+        validation_context: Any,
+        maybe_enable_amp: Any,
+        metrics_processor: Any,
+        pp_schedule: Any = None,
+        pp_has_first_stage: bool | None = None,
+        pp_has_last_stage: bool | None = None,
+        validate_x: bool = True,
+        validate_y: bool = True,
+    ):
+        # torchtitan's Validator.__init__ minus its hard-wired text loader: the validation
+        # dataloader comes from amuse_dist (token shards read by global index, or torchtitan's)
+        BaseValidator.__init__(self, job_config)
+        self.tokenizer = tokenizer
+        self.parallel_dims = parallel_dims
+        self.loss_fn = loss_fn
+        self.validation_dataloader = build_validation_dataloader(
+            dp_world_size, dp_rank, tokenizer, job_config
+        )
+        self.validation_context = validation_context
+        self.maybe_enable_amp = maybe_enable_amp
+        self.metrics_processor = metrics_processor
+        self.pp_schedule = pp_schedule
+        self.pp_has_first_stage = pp_has_first_stage
+        self.pp_has_last_stage = pp_has_last_stage
         self.validate_x = validate_x
         self.validate_y = validate_y
         self.optimizers: Any = None
 
     def rewind(self) -> None:
-        """Restart the validation stream so each evaluation sees the same batches."""
+        """Restart the validation stream so each evaluation sees the same batches (the
+        token-shard loader restarts at batch 0 on every ``iter()`` by itself)."""
         dataset = getattr(self.validation_dataloader, "dataset", None)
         if dataset is not None and hasattr(dataset, "_sample_idx"):
             dataset._sample_idx = 0
