@@ -53,7 +53,7 @@ def newton_schulz5(
         x = torch.baddbmm(x, poly, x, beta=a * s, alpha=s)
     x = x.reshape(*batch_shape, *x.shape[-2:])
     if tall:
-        x = x.mT
+        x = x.mT.contiguous()  # callers flatten the result (view(-1)): hand back row-major
     return x
 
 
