@@ -42,11 +42,6 @@ def test_amuse_ops_per_step_bounded_and_flat_in_depth(op_counts: dict) -> None:
     assert sum(adamw4.values()) > sum(op_counts["adamw_foreach", 2].values())  # it does grow
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="the exchange gathers each matrix into the NS batch buffer with its own aten::cat "
-    "(ownerwise_ns.py, one process): one op per Muon matrix; NS itself is batched",
-)
 def test_amuse_with_ns_ops_flat_in_depth(op_counts: dict) -> None:
     ns2, ns4 = (sum(op_counts["amuse+ns", d].values()) for d in (2, 4))
     assert ns2 == ns4, (op_counts["amuse+ns", 2], op_counts["amuse+ns", 4])

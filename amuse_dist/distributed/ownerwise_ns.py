@@ -367,15 +367,20 @@ class OwnerwiseNewtonSchulz:
                     continue
                 rows, cols, splits = steps.signature
                 buf = torch.empty((len(steps.tasks), rows, cols), dtype=dtype, device=device)
+                # every piece of every matrix of the batch lands in its place in one foreach copy
+                # (views of buf as destinations): a fixed op count per batch, not one per matrix
+                dsts: list[torch.Tensor] = []
+                srcs: list[torch.Tensor] = []
                 for pos, parts in enumerate(steps.parts):
-                    srcs = [views[r] if r >= 0 else updates[t].reshape(-1) for _, r, t in parts]
+                    pieces = [views[r] if r >= 0 else updates[t].reshape(-1) for _, r, t in parts]
                     if steps.full_rows[pos]:
-                        torch.cat(srcs, out=buf[pos].view(-1))
+                        dsts += buf[pos].view(-1).split([x.numel() for x in pieces])
+                        srcs += pieces
                     else:
-                        for (p, _, _), s in zip(parts, srcs, strict=True):
-                            buf[pos, p.row : p.row + p.rows, p.col : p.col + p.cols].copy_(
-                                s.view(p.rows, p.cols)
-                            )
+                        for (p, _, _), x in zip(parts, pieces, strict=True):
+                            dsts.append(buf[pos, p.row : p.row + p.rows, p.col : p.col + p.cols])
+                            srcs.append(x.view(p.rows, p.cols))
+                torch._foreach_copy_(dsts, srcs)
                 results.append(orthogonalize_batch(buf, splits, self.orth))
                 del buf
                 self.owned_log.extend(ids[t] for t in steps.tasks)
