@@ -218,11 +218,20 @@ class AmuseTrainer(Trainer):
 
     def _guard_optimizer_step(self) -> None:
         """Take the optimizer step only when every gradient is finite; otherwise skip it (up to
-        ``[anytime] nonfinite_skips`` times) or stop the run with DivergenceError."""
+        ``[anytime] nonfinite_skips`` times) or stop the run with DivergenceError.
+
+        The check reads one flag back to the host, so it runs on every step only when skips are
+        allowed; with ``nonfinite_skips = 0`` (the default) it runs on the steps that log (which
+        read the loss back anyway), and the finite-state check before every save keeps a
+        diverged state from being published in between. A non-logging step stays free of host
+        syncs (issue 10)."""
         container = self.optimizers
         real_step = container.step
 
         def guarded_step(*args: Any, **kwargs: Any) -> Any:
+            every_step = self.job_config.anytime.nonfinite_skips > 0
+            if not (every_step or self.metrics_processor.should_log(self.step)):
+                return real_step(*args, **kwargs)
             grads = [p.grad for m in self.model_parts for p in m.parameters() if p.grad is not None]
             if self._all_ranks_true(self._finite(grads)):
                 return real_step(*args, **kwargs)
