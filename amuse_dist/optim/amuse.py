@@ -29,6 +29,14 @@ _T, _A, _CT0, _BETA_Y = "amuse_t", "amuse_weight_sum", "amuse_c_warmup", "amuse_
 _LR_T, _BETA, _C = "amuse_lr_t", "amuse_beta", "amuse_c"
 
 
+# the TOML names of the Muon momentum's storage dtype ("param": the parameter's own)
+MOMENTUM_DTYPES: dict[str, torch.dtype | None] = {
+    "param": None,
+    "bfloat16": torch.bfloat16,
+    "float32": torch.float32,
+}
+
+
 @dataclass
 class AmuseHParams:
     """AMUSE's hyper-parameters (lr comes from ``[optimizer] lr``): the ``[amuse]`` TOML section
@@ -93,6 +101,9 @@ class AmuseHParams:
         False, on_resume="refuse", why="changes which beta builds Y from Z and X"
     )
     """Recover X with the beta that built Y (exact) instead of beta_t (reference code)."""
+    momentum_dtype: str = hparam("param", choices=tuple(MOMENTUM_DTYPES))
+    """Muon momentum storage: "param" (the parameter's dtype) or "bfloat16" (half the memory;
+    z and the AdamW second moment keep the parameter's dtype). See docs/algorithm.md."""
     hsdp_mode: str = hparam("auto", choices=HSDP_MODES)
     """HSDP: "split" orthogonalizes each matrix once per job (matrices split across replica
     groups), "per_replica" once per replica group (no cross-replica traffic), "auto" picks by
@@ -170,7 +181,7 @@ class AMUSE(Optimizer):
         ns_dtype: torch.dtype = torch.bfloat16,
         process_group: dist.ProcessGroup | None = None,
         hsdp_mode: str = _D.hsdp_mode,
-        momentum_dtype: torch.dtype | None = None,
+        momentum_dtype: torch.dtype | str | None = _D.momentum_dtype,
     ):
         defaults = dict(
             lr=lr,
@@ -207,6 +218,12 @@ class AMUSE(Optimizer):
             default_replicated_group(process_group),
             hsdp_mode=hsdp_mode,
         )
+        if isinstance(momentum_dtype, str):
+            if momentum_dtype not in MOMENTUM_DTYPES:
+                raise ValueError(
+                    f"momentum_dtype = {momentum_dtype!r}: expected one of {list(MOMENTUM_DTYPES)}"
+                )
+            momentum_dtype = MOMENTUM_DTYPES[momentum_dtype]
         self.momentum_dtype = momentum_dtype
         # update_rms() needs sum(O^2), an extra pass and a per-parameter loop: a trainer sets
         # this to False on steps whose metrics are not logged (AmuseMetricsProcessor does)
