@@ -23,7 +23,8 @@ Protocol (each stage skips the runs the CSV already holds, so an interrupted stu
    each arm's lr is the one with the lowest final validation loss among its seed-0 runs of
    length T (X for AMUSE). ``amuse_b`` and ``muon_constant`` reuse them.
 2. Seeds: the AMUSE and Muon arms at seeds 0 .. ``--seeds``-1 with the picked lr.
-3. Baselines: ``adamw`` and ``sf_adamw`` on seed 0 (``--baseline-seeds``) at fixed lrs.
+3. Baselines: ``adamw`` and ``sf_adamw`` on seed 0 at each lr of their grid (``--sweep``; without
+   one, a fixed lr); ``--baseline-seeds`` N > 1 adds seeds at the best of them.
 4. Pareto: cosine Muon trained to T/4 and T/2 (its own warmup and decay, every seed) against the
    X of the AMUSE run at the same steps (a schedule-free run can stop anywhere).
 
@@ -179,7 +180,12 @@ ARMS: dict[str, Arm] = {
 SWEPT = ("amuse", "muon_cosine")
 SEEDED = ("amuse", "amuse_b", "muon_cosine", "muon_constant")
 BASELINES = ("adamw", "sf_adamw")
-CPU_SWEEP = {"amuse": (0.005, 0.01, 0.02, 0.04), "muon_cosine": (0.005, 0.01, 0.02, 0.04)}
+CPU_SWEEP = {
+    "amuse": (0.005, 0.01, 0.02, 0.04),
+    "muon_cosine": (0.005, 0.01, 0.02, 0.04),
+    "adamw": (0.001, 0.002, 0.006),
+    "sf_adamw": (0.001, 0.003, 0.01),
+}
 GPU_SWEEP = {"amuse": (0.005, 0.01, 0.02), "muon_cosine": (0.002, 0.005, 0.01)}
 COLORS = {
     "amuse": "tab:red",
@@ -533,14 +539,21 @@ def protocol(
                     print(f"[{key}] no lr: its sweep has no finished run", file=sys.stderr)
                     continue
                 todo.append(Run(ARMS[key], seed, lr, steps))
-    if "baselines" in stages:
-        for seed in range(baseline_seeds):
-            todo += [Run(ARMS[key], seed, fixed_lr[key], steps) for key in BASELINES]
+    if "baselines" in stages:  # seed 0 at each lr of the arm's grid (default: its fixed lr)
+        for key in BASELINES:
+            todo += [Run(ARMS[key], 0, lr, steps) for lr in sweep.get(key) or (fixed_lr[key],)]
     if "pareto" in stages and lrs["muon_cosine"] is not None:
         for seed in range(seeds):
             for frac in (4, 2):
                 todo.append(Run(ARMS["muon_cosine"], seed, lrs["muon_cosine"], steps // frac))
     study.ensure_all(todo)
+    if "baselines" in stages and baseline_seeds > 1:  # more seeds at the best lr of seed 0
+        rows = read_rows(study.csv_path)
+        more = []
+        for key in BASELINES:
+            lr = pick_lr(rows, key, steps) or fixed_lr[key]
+            more += [Run(ARMS[key], seed, lr, steps) for seed in range(1, baseline_seeds)]
+        study.ensure_all(more)
 
 
 # ------------------------------------------------------------------------------------ report
@@ -558,13 +571,11 @@ def fmt(values: list[float]) -> str:
 
 def main_runs(rows: list[dict[str, str]], steps: int) -> dict[str, list[dict[int, float]]]:
     """{arm: [curve per seed]} for the study's length-T runs at each arm's picked lr."""
-    lrs = {key: pick_lr(rows, key, steps) for key in SWEPT}
     out: dict[str, list[dict[int, float]]] = defaultdict(list)
     for (arm, _seed, lr, T), c in sorted(curves(rows).items()):
         if T != steps or arm not in ARMS:
             continue
-        want = lrs.get(ARMS[arm].lr_from or "", None) if ARMS[arm].lr_from else None
-        if want is not None and lr != want:
+        if lr != pick_lr(rows, ARMS[arm].lr_from or arm, steps):
             continue  # a sweep run at another lr
         out[arm].append(c)
     return out
@@ -578,9 +589,9 @@ def report(rows: list[dict[str, str]], steps: int, png: Path | None, title: str)
     lines.append(f"LR sweep (seed 0, T = {steps}; final validation loss, X for AMUSE):\n")
     lines.append("| arm | " + " | ".join("lr" for _ in range(1)) + " | final loss | wall |")
     lines.append("|---|---|---|---|")
-    for key in SWEPT:
+    for key in (*SWEPT, *BASELINES):
         for k in sorted(k for k in c if k[0] == key and k[1] == 0 and k[3] == steps):
-            mark = " (picked)" if k[2] == lrs[key] else ""
+            mark = " (picked)" if k[2] == pick_lr(rows, key, steps) else ""
             lines.append(
                 f"| {key} | {k[2]:g}{mark} | {c[k].get(steps, float('nan')):.4f} "
                 f"| {walls.get(k, float('nan')):.0f} s |"
@@ -739,8 +750,10 @@ def parse_sweep(items: Sequence[str], base: dict[str, tuple[float, ...]]) -> dic
             lrs = tuple(float(v) for v in values.split(",") if v)
         except ValueError:
             lrs = ()
-        if name not in SWEPT or not lrs:
-            raise SystemExit(f"--sweep {item}: expected NAME=LR,LR,... with NAME in {SWEPT}")
+        if name not in (*SWEPT, *BASELINES) or not lrs:
+            raise SystemExit(
+                f"--sweep {item}: expected NAME=LR,LR,... with NAME in {(*SWEPT, *BASELINES)}"
+            )
         out[name] = lrs
     return out
 
@@ -760,7 +773,9 @@ def parse_args(argv: Sequence[str] | None) -> tuple[argparse.Namespace, list[str
     p.add_argument("--flavor", default=None, help="model flavor (CPU tiny, GPU 124M)")
     p.add_argument("--seeds", type=int, default=2, help="seeds of the AMUSE and Muon arms")
     p.add_argument("--baseline-seeds", type=int, default=1, help="seeds of AdamW and SF-AdamW")
-    p.add_argument("--sweep", action="append", default=[], metavar="NAME=LR,LR", help="lr grid")
+    p.add_argument(
+        "--sweep", action="append", default=[], metavar="NAME=LR,LR", help="an arm's lr grid"
+    )
     p.add_argument(
         "--stages",
         nargs="+",
