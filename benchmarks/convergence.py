@@ -141,7 +141,7 @@ ARMS: dict[str, Arm] = {
             "Muon",
             "cosine",
             0.125,
-            ("--optimizer.weight_decay", "0.1", "--training.max_norm", "0.5"),
+            ("--muon.weight_decay", "0.1", "--training.max_norm", "0.5"),
             lr_from="muon_cosine",
         ),
         Arm(
@@ -150,7 +150,7 @@ ARMS: dict[str, Arm] = {
             "Muon",
             "constant",
             0.125,
-            ("--optimizer.weight_decay", "0.1", "--training.max_norm", "0.5"),
+            ("--muon.weight_decay", "0.1", "--training.max_norm", "0.5"),
             lr_from="muon_cosine",
         ),
         Arm(
@@ -170,8 +170,8 @@ ARMS: dict[str, Arm] = {
             "ScheduleFreeAdamW",
             "none",
             0.125,
-            ("--optimizer.beta1", "0.9", "--optimizer.beta2", "0.9999")
-            + ("--optimizer.weight_decay", "0.1", "--training.max_norm", "0.5"),
+            ("--sf_adamw.beta1", "0.9", "--sf_adamw.betas2", "0.9999")
+            + ("--sf_adamw.weight_decay", "0.1", "--training.max_norm", "0.5"),
             cpu_lr=1e-2,
             gpu_lr=2e-3,
         ),
@@ -283,7 +283,8 @@ def trainer_args(
     if run.arm.averages:  # scored at X; Y would cost a second pass per evaluation
         args.append("--anytime.no-validate_y")
     if run.arm.schedule == "none":  # warmup inside the optimizer; the LR schedule is constant
-        args += ["--amuse.warmup_steps", str(warmup)]
+        section = "amuse" if run.arm.optimizer == "AMUSE" else "sf_adamw"
+        args += [f"--{section}.warmup_steps", str(warmup)]
         args += ["--lr_scheduler.warmup_steps", "0", "--lr_scheduler.decay_ratio", "0.0"]
     else:
         args += ["--lr_scheduler.warmup_steps", str(warmup)]

@@ -16,8 +16,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests._titan import DEBUG_TOML, run_args, torchrun
-from tests.test_checkpoint import amuse_eval, read_x, tb_by_step
+from tests._titan import DEBUG_TOML, run_args, tb_by_step, torchrun
+from tests.test_checkpoint import amuse_eval, read_x
 
 STEPS = 10
 PAPER = dict(
@@ -49,8 +49,9 @@ def test_tied_run_trains_and_exports_one_embedding(tied: Path) -> None:
     step = tied / "checkpoint" / f"step-{STEPS}"
     config = json.loads((step / "x" / "config.json").read_text())
     assert config["tie_word_embeddings"] is True
-    assert config["rope_theta"] == 10000.0
-    assert config["rope_scaling"]["factor"] == 1.0  # Llama 3 scaling off: the identity
+    rope = config.get("rope_parameters") or config["rope_scaling"]
+    assert rope.get("rope_theta", config.get("rope_theta")) == 10000.0
+    assert rope["factor"] == 1.0  # Llama 3 scaling off: the identity
     tensors = read_x(step)
     assert "lm_head.weight" not in tensors  # tied: the head is the embedding
     assert len(tensors) == 1 + 4 * 9 + 1
