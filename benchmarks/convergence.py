@@ -1,34 +1,44 @@
-"""Validation loss vs step: AMUSE against AdamW, Schedule-Free AdamW and Muon, same model and data.
+"""A fair convergence study: AMUSE against Muon, AdamW and SF-AdamW under the paper's protocol.
 
 Every run goes through the real trainer (``amuse_dist.train``, torchtitan 0.2.2) with ``torchrun``
-and the same config (``train_configs/debug_cpu.toml`` plus CLI overrides): same model, seed, data
-order, batch size, sequence length, steps and validation batches; only the optimizer, its learning
-rate and the LR schedule differ:
+on ``train_configs/debug_cpu.toml`` plus CLI overrides, with the paper's model options (tied
+embeddings, init std 0.02, RoPE theta 1e4 without Llama 3 scaling). Same model, data order, batch,
+sequence length and validation batches; the optimizer, its learning rate, its schedule and the
+seed (which draws the initial weights) change. Arms (T = ``--steps``):
 
-* ``adamw``          AdamW, betas (0.8, 0.999), wd 0.1, linear warmup then cosine decay to 0
-* ``sf_adamw``       Schedule-Free AdamW, betas (0.9, 0.999), wd 0.1, warmup inside the optimizer,
-                     constant LR schedule; evaluated at its averaged weights X
-* ``muon_cosine``    Muon (Nesterov 0.95, 0.2 sqrt(max(m, n)) update scale, AdamW branch for
-                     embeddings/head/norms), linear warmup then cosine decay to 0
-* ``muon_constant``  the same Muon, linear warmup then constant LR
-* ``amuse``          AMUSE, warmup inside the optimizer, no LR schedule; evaluated at X
+* ``amuse``          AMUSE, the paper's 124M setting: T0 = 0.375 T (6000 of 16000), beta1 0.6,
+                     rho 0.8, wd 0.05, clip 0.5; no LR schedule; scored at X
+* ``amuse_b``        AMUSE, the 720M/1.3B setting: T0 = 0.125 T (2000 of 16000), beta1 0.4,
+                     rho 0.8, wd 0.1, clip 0.1; lr of ``amuse``; scored at X
+* ``muon_cosine``    Muon (Nesterov 0.95, 0.2 sqrt(max(m, n)) scale, wd 0.1): linear warmup over
+                     12.5% of the run, then cosine down to lr/100 (the authors' Muon baseline)
+* ``muon_constant``  the same Muon, warmup then constant; lr of ``muon_cosine``
+* ``adamw``          AdamW betas (0.8, 0.999), wd 0.1, the same warmup + cosine to lr/100
+* ``sf_adamw``       Schedule-Free AdamW betas (0.9, 0.9999), wd 0.1, warmup 12.5% inside the
+                     optimizer, constant schedule; scored at X
 
-All warmups are 10% of the steps. No checkpoints are written.
-The validation loss is read from each run's TensorBoard event files: ``validation_x/loss`` (the
-averaged weights X, AMUSE and SF-AdamW) and ``validation_y/loss`` (the training weights Y),
-falling back to ``validation_metrics/loss`` when the trainer does not log them. X is what these
-optimizers are meant to be evaluated at, so the headline curve of AMUSE and SF-AdamW is X (Y is
-drawn dashed); the others have only Y. Every evaluation sees the same validation batches.
+Protocol (each stage skips the runs the CSV already holds, so an interrupted study resumes):
 
-Writes ``convergence.csv`` (optimizer, step, tokens, val_loss, weights) and ``convergence.png``
-into ``--out-dir`` and prints a table (final and best validation loss, wall time per run). A
-failed run prints its log tail; the others still run, and the script exits non-zero.
+1. LR sweep on seed 0: ``amuse`` and ``muon_cosine`` at every lr of their grid (``--sweep``);
+   each arm's lr is the one with the lowest final validation loss among its seed-0 runs of
+   length T (X for AMUSE). ``amuse_b`` and ``muon_constant`` reuse them.
+2. Seeds: the AMUSE and Muon arms at seeds 0 .. ``--seeds``-1 with the picked lr.
+3. Baselines: ``adamw`` and ``sf_adamw`` on seed 0 at each lr of their grid (``--sweep``; without
+   one, a fixed lr); ``--baseline-seeds`` N > 1 adds seeds at the best of them.
+4. Pareto: cosine Muon trained to T/4 and T/2 (its own warmup and decay, every seed) against the
+   X of the AMUSE run at the same steps (a schedule-free run can stop anywhere).
+
+Every finished run appends its validation losses to one CSV (``--csv``): optimizer, seed, step,
+tokens, val_loss, lr, schedule_steps (the run's length T), weights (x or y), wall_s. A run is only
+written once it has finished, so a killed study loses at most the run in flight; rerunning the
+same command carries on. ``--report`` (implied at the end) reads the CSV and prints the tables
+(mean and sample standard deviation over seeds) and draws the plot.
 
 Usage:
-  python benchmarks/convergence.py                      # CPU: tiny Llama, 2 gloo ranks, ~10 min
-  python benchmarks/convergence.py --gpu                # GPU: 124M Llama, all local GPUs
-  python benchmarks/convergence.py --optimizers amuse adamw --steps 100
-  python benchmarks/convergence.py --no-train           # re-read the runs, redo CSV and plot
+  python benchmarks/convergence.py --jobs 2                # CPU study, tiny Llama, 2 gloo ranks
+  python benchmarks/convergence.py --report                # tables and plot from the CSV only
+  python benchmarks/convergence.py --gpu --csv outputs/convergence_gpu.csv --png docs/conv_gpu.png
+  python benchmarks/convergence.py --sweep amuse=0.01,0.02,0.04 --seeds 3
   python benchmarks/convergence.py -- --training.dataset local_text --training.dataset_path D
 Arguments after ``--`` go to every trainer run unchanged.
 """
@@ -37,15 +47,18 @@ from __future__ import annotations
 
 import argparse
 import csv
-import json
 import math
 import os
 import shutil
+import statistics
 import subprocess
 import sys
+import threading
 import time
-from collections.abc import Sequence
-from dataclasses import dataclass, field
+from collections import defaultdict
+from collections.abc import Iterable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Literal
 
@@ -56,80 +69,137 @@ Schedule = Literal["cosine", "constant", "none"]
 X_TAG = "validation_x/loss"
 Y_TAG = "validation_y/loss"
 MAIN_TAG = "validation_metrics/loss"
+FIELDS = (
+    "optimizer",
+    "seed",
+    "step",
+    "tokens",
+    "val_loss",
+    "lr",
+    "schedule_steps",
+    "weights",
+    "wall_s",
+)
+# The paper's model options (the authors' Llama).
+PAPER_MODEL = (
+    "--model.tie_embeddings",
+    "--model.init_std",
+    "0.02",
+    "--model.rope_theta",
+    "10000",
+    "--model.no-rope_scaling",
+)
 
 
 @dataclass(frozen=True)
-class RunSpec:
-    """One optimizer run: trainer ``[optimizer] name``, lr, schedule and extra overrides."""
+class Arm:
+    """One optimizer set-up: trainer ``[optimizer] name``, schedule, warmup fraction, extras."""
 
     key: str
     label: str
     optimizer: str
     schedule: Schedule
-    cpu_lr: float
-    gpu_lr: float
+    warmup_frac: float
     extra: tuple[str, ...] = ()
+    lr_from: str | None = None
+    """Arm whose swept lr this arm uses; None: ``cpu_lr``/``gpu_lr`` (or its own sweep)."""
+    cpu_lr: float = 0.0
+    gpu_lr: float = 0.0
 
     @property
     def averages(self) -> bool:
-        """Evaluated at averaged weights X (schedule-free optimizers)."""
+        """Scored at the averaged weights X (schedule-free optimizers)."""
         return self.optimizer in ("AMUSE", "ScheduleFreeAdamW")
 
 
-RUNS: dict[str, RunSpec] = {
-    r.key: r
-    for r in (
-        RunSpec(
-            "adamw",
-            "AdamW (cosine)",
-            "AdamW",
-            "cosine",
-            3e-3,
-            1e-3,
-            ("--optimizer.beta1", "0.8", "--optimizer.beta2", "0.999"),
-        ),
-        RunSpec(
-            "sf_adamw",
-            "SF-AdamW (constant)",
-            "ScheduleFreeAdamW",
+ARMS: dict[str, Arm] = {
+    a.key: a
+    for a in (
+        Arm(
+            "amuse",
+            "AMUSE (T0 0.375T, beta1 0.6)",
+            "AMUSE",
             "none",
-            3e-3,
-            2e-3,
-            ("--optimizer.beta1", "0.9", "--optimizer.beta2", "0.999"),
+            0.375,
+            ("--amuse.beta1", "0.6", "--amuse.rho", "0.8", "--amuse.weight_decay", "0.05")
+            + ("--training.max_norm", "0.5"),
+            lr_from="amuse",
         ),
-        RunSpec(
+        Arm(
+            "amuse_b",
+            "AMUSE (T0 0.125T, beta1 0.4)",
+            "AMUSE",
+            "none",
+            0.125,
+            ("--amuse.beta1", "0.4", "--amuse.rho", "0.8", "--amuse.weight_decay", "0.1")
+            + ("--training.max_norm", "0.1"),
+            lr_from="amuse",
+        ),
+        Arm(
             "muon_cosine",
-            "Muon (cosine)",
+            "Muon (cosine to lr/100)",
             "Muon",
             "cosine",
-            1e-2,
-            2e-3,
-            ("--optimizer.weight_decay", "0.0"),
+            0.125,
+            ("--muon.weight_decay", "0.1", "--training.max_norm", "0.5"),
+            lr_from="muon_cosine",
         ),
-        RunSpec(
+        Arm(
             "muon_constant",
             "Muon (constant)",
             "Muon",
             "constant",
-            1e-2,
-            2e-3,
-            ("--optimizer.weight_decay", "0.0"),
+            0.125,
+            ("--muon.weight_decay", "0.1", "--training.max_norm", "0.5"),
+            lr_from="muon_cosine",
         ),
-        RunSpec("amuse", "AMUSE (no schedule)", "AMUSE", "none", 1e-2, 1e-2),
+        Arm(
+            "adamw",
+            "AdamW (cosine to lr/100)",
+            "AdamW",
+            "cosine",
+            0.125,
+            ("--optimizer.beta1", "0.8", "--optimizer.beta2", "0.999")
+            + ("--optimizer.weight_decay", "0.1", "--training.max_norm", "0.5"),
+            cpu_lr=6e-3,
+            gpu_lr=1e-3,
+        ),
+        Arm(
+            "sf_adamw",
+            "SF-AdamW (constant)",
+            "ScheduleFreeAdamW",
+            "none",
+            0.125,
+            ("--sf_adamw.beta1", "0.9", "--sf_adamw.betas2", "0.9999")
+            + ("--sf_adamw.weight_decay", "0.1", "--training.max_norm", "0.5"),
+            cpu_lr=1e-2,
+            gpu_lr=2e-3,
+        ),
     )
 }
+SWEPT = ("amuse", "muon_cosine")
+SEEDED = ("amuse", "amuse_b", "muon_cosine", "muon_constant")
+BASELINES = ("adamw", "sf_adamw")
+CPU_SWEEP = {
+    "amuse": (0.005, 0.01, 0.02, 0.04),
+    "muon_cosine": (0.005, 0.01, 0.02, 0.04),
+    "adamw": (0.001, 0.002, 0.006),
+    "sf_adamw": (0.001, 0.003, 0.01),
+}
+GPU_SWEEP = {"amuse": (0.005, 0.01, 0.02), "muon_cosine": (0.002, 0.005, 0.01)}
 COLORS = {
-    "adamw": "tab:blue",
-    "sf_adamw": "tab:orange",
+    "amuse": "tab:red",
+    "amuse_b": "tab:purple",
     "muon_cosine": "tab:green",
     "muon_constant": "tab:olive",
-    "amuse": "tab:red",
+    "adamw": "tab:blue",
+    "sf_adamw": "tab:orange",
 }
 
 
 @dataclass(frozen=True)
 class Profile:
-    """Model and batch shape shared by every run."""
+    """Model, batch and validation shape shared by every run."""
 
     flavor: str
     steps: int
@@ -140,44 +210,44 @@ class Profile:
     extra: tuple[str, ...] = ()
 
 
-CPU = Profile(flavor="tiny", steps=200, val_freq=25, val_steps=8, local_batch_size=4, seq_len=256)
+# tiny: dim 128, 4 layers, vocab 2048; 2 ranks x 4 x 256 = 2048 tokens/step;
+# validation: 16 batches per rank, 32 batches (128 sequences) in all.
+CPU = Profile(flavor="tiny", steps=200, val_freq=25, val_steps=16, local_batch_size=4, seq_len=256)
+# 124M at seq 512; 32 sequences per GPU is the paper's 124M share (256 over 8 GPUs).
 GPU = Profile(
     flavor="124M",
-    steps=3000,
+    steps=2000,
     val_freq=100,
-    val_steps=20,
-    local_batch_size=16,
+    val_steps=32,
+    local_batch_size=32,
     seq_len=512,
-    extra=("--training.mixed_precision_param", "bfloat16"),
+    extra=(
+        "--training.mixed_precision_param",
+        "bfloat16",
+        "--compile.enable",
+        "--local_data.vocab_size",
+        "8192",
+    ),
 )
 
 
-@dataclass
-class Result:
-    spec: RunSpec
-    dump: Path
+@dataclass(frozen=True)
+class Run:
+    arm: Arm
+    seed: int
     lr: float
-    wall_s: float | None = None
-    ok: bool = True
-    error: str = ""
-    x: dict[int, float] = field(default_factory=dict)
-    y: dict[int, float] = field(default_factory=dict)
+    steps: int
 
     @property
-    def curve(self) -> dict[int, float]:
-        """The headline curve: X where the run logged it, else Y."""
-        return self.x or self.y
-
-    @property
-    def weights(self) -> str:
-        return "x" if self.x else "y"
+    def name(self) -> str:
+        return f"{self.arm.key}_s{self.seed}_lr{self.lr:g}_T{self.steps}"
 
 
 # ----------------------------------------------------------------------------------- launching
 def trainer_args(
-    spec: RunSpec, prof: Profile, steps: int, lr: float, dump: Path, passthrough: Sequence[str]
+    run: Run, prof: Profile, dump: Path, passthrough: Sequence[str], checkpoints: bool
 ) -> list[str]:
-    warmup = max(1, round(0.1 * steps))
+    warmup = max(1, round(run.arm.warmup_frac * run.steps))
     args = [
         "--job.config_file",
         str(CONFIG),
@@ -185,12 +255,13 @@ def trainer_args(
         str(dump),
         "--model.flavor",
         prof.flavor,
+        *PAPER_MODEL,
         "--optimizer.name",
-        spec.optimizer,
+        run.arm.optimizer,
         "--optimizer.lr",
-        repr(lr),
+        repr(run.lr),
         "--training.steps",
-        str(steps),
+        str(run.steps),
         "--training.local_batch_size",
         str(prof.local_batch_size),
         "--training.seq_len",
@@ -205,20 +276,23 @@ def trainer_args(
         str(prof.val_steps),
         "--metrics.log_freq",
         str(max(1, min(10, prof.val_freq))),
-        "--checkpoint.no-enable",  # pass -- --checkpoint.enable to keep the weights
+        "--checkpoint.enable" if checkpoints else "--checkpoint.no-enable",
         "--debug.seed",
-        "0",
+        str(run.seed),
     ]
-    if spec.schedule == "none":  # warmup inside the optimizer; the LR schedule must be constant
-        args += ["--amuse.warmup_steps", str(warmup)]
+    if run.arm.averages:  # scored at X; Y would cost a second pass per evaluation
+        args.append("--anytime.no-validate_y")
+    if run.arm.schedule == "none":  # warmup inside the optimizer; the LR schedule is constant
+        section = "amuse" if run.arm.optimizer == "AMUSE" else "sf_adamw"
+        args += [f"--{section}.warmup_steps", str(warmup)]
         args += ["--lr_scheduler.warmup_steps", "0", "--lr_scheduler.decay_ratio", "0.0"]
     else:
         args += ["--lr_scheduler.warmup_steps", str(warmup)]
         # decay_ratio 1.0: decay over every step after the warmup (torchtitan clips it)
-        ratio = "1.0" if spec.schedule == "cosine" else "0.0"
+        ratio = "1.0" if run.arm.schedule == "cosine" else "0.0"
         args += ["--lr_scheduler.decay_ratio", ratio, "--lr_scheduler.decay_type", "cosine"]
-        args += ["--lr_scheduler.min_lr_factor", "0.0"]
-    return [*args, *spec.extra, *prof.extra, *passthrough]
+        args += ["--lr_scheduler.min_lr_factor", "0.01"]
+    return [*args, *run.arm.extra, *prof.extra, *passthrough]
 
 
 def run_env(gpu: bool) -> dict[str, str]:
@@ -231,11 +305,12 @@ def run_env(gpu: bool) -> dict[str, str]:
     return env
 
 
-def launch(res: Result, args: list[str], nproc: int, gpu: bool, timeout: int) -> None:
-    """Run the trainer on ``nproc`` ranks; rank 0's console goes to ``<dump>/train.log``."""
-    if res.dump.exists():
-        shutil.rmtree(res.dump)  # stale event files would mix with this run's
-    res.dump.mkdir(parents=True)
+def launch(dump: Path, args: list[str], nproc: int, gpu: bool, timeout: int) -> tuple[str, float]:
+    """Run the trainer on ``nproc`` ranks; (return code, wall seconds). Rank 0's console goes
+    to ``<dump>/train.log``."""
+    if dump.exists():
+        shutil.rmtree(dump)  # a killed attempt's event files would mix with this run's
+    dump.mkdir(parents=True)
     cmd = [
         sys.executable,
         "-m",
@@ -244,7 +319,7 @@ def launch(res: Result, args: list[str], nproc: int, gpu: bool, timeout: int) ->
         "--nnodes=1",
         f"--nproc_per_node={nproc}",
         "--log-dir",
-        str(res.dump / "ranks"),
+        str(dump / "ranks"),
         "--tee",
         "3",
         "--local-ranks-filter=0",
@@ -252,23 +327,17 @@ def launch(res: Result, args: list[str], nproc: int, gpu: bool, timeout: int) ->
         "amuse_dist.train",
         *args,
     ]
-    log = res.dump / "train.log"
-    (res.dump / "command.txt").write_text(" ".join(cmd) + "\n")
+    (dump / "command.txt").write_text(" ".join(cmd) + "\n")
     t0 = time.perf_counter()
-    with open(log, "w") as f:
+    with open(dump / "train.log", "w") as f:
         try:
             proc = subprocess.run(
                 cmd, cwd=REPO, env=run_env(gpu), stdout=f, stderr=subprocess.STDOUT, timeout=timeout
             )
-            rc: int | str = proc.returncode
+            rc = str(proc.returncode)
         except subprocess.TimeoutExpired:
             rc = f"timeout after {timeout} s"
-    res.wall_s = time.perf_counter() - t0
-    meta = {"lr": res.lr, "wall_s": res.wall_s, "rc": str(rc)}
-    (res.dump / "convergence_run.json").write_text(json.dumps(meta) + "\n")
-    if rc != 0:
-        res.ok = False
-        res.error = f"exit {rc}"
+    return rc, time.perf_counter() - t0
 
 
 def tail(path: Path, n: int = 40) -> str:
@@ -289,7 +358,6 @@ def failure_report(dump: Path) -> str:
     return "\n".join(parts)
 
 
-# ------------------------------------------------------------------------------------- reading
 def read_tb(dump: Path) -> dict[str, dict[int, float]]:
     """{tag: {step: value}} for the validation tags of every event file under ``<dump>/tb``."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
@@ -304,114 +372,393 @@ def read_tb(dump: Path) -> dict[str, dict[int, float]]:
     return out
 
 
-def collect(res: Result) -> None:
-    meta_path = res.dump / "convergence_run.json"
-    if res.wall_s is None and meta_path.exists():  # --no-train: what the run was launched with
-        meta = json.loads(meta_path.read_text())
-        res.lr, res.wall_s = float(meta["lr"]), float(meta["wall_s"])
-        if meta.get("rc", "0") != "0":
-            res.ok, res.error = False, f"exit {meta['rc']}"
-    tags = read_tb(res.dump)
-    res.x = tags.get(X_TAG, {})
-    res.y = tags.get(Y_TAG) or ({} if X_TAG in tags else tags.get(MAIN_TAG, {}))
-    if not res.curve and res.ok:
-        res.ok = False
-        res.error = "no validation loss in the TensorBoard events"
+# -------------------------------------------------------------------------------------- CSV
+def read_rows(path: Path) -> list[dict[str, str]]:
+    if not path.exists():
+        return []
+    with open(path, newline="") as f:
+        reader = csv.DictReader(f)
+        if tuple(reader.fieldnames or ()) != FIELDS:
+            raise SystemExit(
+                f"{path}: columns {reader.fieldnames} are not this study's {list(FIELDS)}; "
+                "pass another --csv (nothing was changed)"
+            )
+        return list(reader)
 
 
-# ------------------------------------------------------------------------------------- writing
-def write_csv(results: list[Result], path: Path, tokens_per_step: int) -> None:
-    with open(path, "w", newline="") as f:
-        w = csv.writer(f)
-        w.writerow(["optimizer", "step", "tokens", "val_loss", "weights"])
-        for r in results:
-            for weights, curve in (("x", r.x), ("y", r.y)):
-                for step in sorted(curve):
-                    w.writerow(
-                        [r.spec.key, step, step * tokens_per_step, f"{curve[step]:.6f}", weights]
+def append_rows(path: Path, rows: Iterable[dict[str, object]]) -> None:
+    new = not path.exists()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=FIELDS)
+        if new:
+            w.writeheader()
+        w.writerows(rows)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def run_key(optimizer: str, seed: int, lr: float, steps: int) -> tuple[str, int, float, int]:
+    return optimizer, seed, float(f"{lr:g}"), steps
+
+
+def done_runs(rows: list[dict[str, str]]) -> set[tuple[str, int, float, int]]:
+    """Runs whose rows reached their last step (a run's rows are written at once)."""
+    out = set()
+    for r in rows:
+        if int(r["step"]) == int(r["schedule_steps"]):
+            out.add(
+                run_key(r["optimizer"], int(r["seed"]), float(r["lr"]), int(r["schedule_steps"]))
+            )
+    return out
+
+
+def curves(
+    rows: list[dict[str, str]],
+) -> dict[tuple[str, int, float, int], dict[int, float]]:
+    """{(optimizer, seed, lr, T): {step: headline loss}}: X where logged, else Y."""
+    by: dict[tuple[str, int, float, int], dict[str, dict[int, float]]] = defaultdict(dict)
+    for r in rows:
+        k = run_key(r["optimizer"], int(r["seed"]), float(r["lr"]), int(r["schedule_steps"]))
+        by[k].setdefault(r["weights"], {})[int(r["step"])] = float(r["val_loss"])
+    return {k: v.get("x") or v.get("y", {}) for k, v in by.items()}
+
+
+def wall_times(rows: list[dict[str, str]]) -> dict[tuple[str, int, float, int], float]:
+    return {
+        run_key(r["optimizer"], int(r["seed"]), float(r["lr"]), int(r["schedule_steps"])): float(
+            r["wall_s"]
+        )
+        for r in rows
+    }
+
+
+def pick_lr(rows: list[dict[str, str]], arm: str, steps: int) -> float | None:
+    """The lr of ``arm``'s seed-0 length-``steps`` run with the lowest final loss."""
+    finals = {
+        k[2]: c[steps]
+        for k, c in curves(rows).items()
+        if k[0] == arm and k[1] == 0 and k[3] == steps and steps in c and math.isfinite(c[steps])
+    }
+    return min(finals, key=finals.__getitem__) if finals else None
+
+
+# ---------------------------------------------------------------------------------- executing
+@dataclass
+class Study:
+    prof: Profile
+    nproc: int
+    gpu: bool
+    csv_path: Path
+    runs_dir: Path
+    timeout: int
+    passthrough: list[str]
+    keep_runs: bool
+    failed: list[str]
+    jobs: int = 1
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def ensure_all(self, runs: Sequence[Run]) -> None:
+        """``ensure`` each run, ``jobs`` at a time (2-rank CPU runs are latency-bound on a
+        shared machine; the CSV rows of a run are appended under a lock)."""
+        if self.jobs <= 1:
+            for run in runs:
+                self.ensure(run)
+            return
+        with ThreadPoolExecutor(self.jobs) as pool:
+            list(pool.map(self.ensure, runs))
+
+    def ensure(self, run: Run) -> bool:
+        """Train ``run`` unless the CSV already holds it; True when its rows are there."""
+        rows = read_rows(self.csv_path)
+        if run_key(run.arm.key, run.seed, run.lr, run.steps) in done_runs(rows):
+            print(f"[{run.name}] in the CSV already", flush=True)
+            return True
+        dump = self.runs_dir / run.name
+        args = trainer_args(run, self.prof, dump, self.passthrough, checkpoints=False)
+        print(f"[{run.name}] {run.arm.label}, lr {run.lr:g}, {run.steps} steps ...", flush=True)
+        rc, wall = launch(dump, args, self.nproc, self.gpu, self.timeout)
+        tags = read_tb(dump)
+        x = tags.get(X_TAG, {})
+        y = tags.get(Y_TAG) or ({} if X_TAG in tags else tags.get(MAIN_TAG, {}))
+        if rc != "0" or run.steps not in (x or y):
+            print(
+                f"[{run.name}] FAILED (exit {rc}); log tails:\n{failure_report(dump)}", flush=True
+            )
+            self.failed.append(run.name)
+            return False
+        tokens = self.prof.local_batch_size * self.prof.seq_len * self.nproc
+        out = []
+        for weights, curve in (("x", x), ("y", y)):
+            for step in sorted(curve):
+                out.append(
+                    dict(
+                        optimizer=run.arm.key,
+                        seed=run.seed,
+                        step=step,
+                        tokens=step * tokens,
+                        val_loss=f"{curve[step]:.6f}",
+                        lr=f"{run.lr:g}",
+                        schedule_steps=run.steps,
+                        weights=weights,
+                        wall_s=f"{wall:.1f}",
                     )
+                )
+        with self.lock:
+            append_rows(self.csv_path, out)
+        final = (x or y)[run.steps]
+        print(
+            f"[{run.name}] done in {wall:.0f} s: val loss {final:.4f} at step {run.steps}",
+            flush=True,
+        )
+        if not self.keep_runs:
+            shutil.rmtree(dump, ignore_errors=True)
+        return True
 
 
-def plot(results: list[Result], path: Path, title: str) -> None:
+def protocol(
+    study: Study,
+    steps: int,
+    sweep: dict[str, tuple[float, ...]],
+    seeds: int,
+    baseline_seeds: int,
+    fixed_lr: dict[str, float],
+    stages: Sequence[str],
+) -> None:
+    """Stages 1-4 of the module docstring, each skipping runs already in the CSV."""
+    if "sweep" in stages:
+        study.ensure_all([Run(ARMS[key], 0, lr, steps) for key in SWEPT for lr in sweep[key]])
+    rows = read_rows(study.csv_path)
+    lrs = {key: pick_lr(rows, key, steps) for key in SWEPT}
+    print(f"picked learning rates (seed 0, T = {steps}): {lrs}", flush=True)
+    todo: list[Run] = []
+    if "seeds" in stages:
+        for seed in range(seeds):
+            for key in SEEDED:
+                lr = lrs[ARMS[key].lr_from or key]
+                if lr is None:
+                    print(f"[{key}] no lr: its sweep has no finished run", file=sys.stderr)
+                    continue
+                todo.append(Run(ARMS[key], seed, lr, steps))
+    if "baselines" in stages:  # seed 0 at each lr of the arm's grid (default: its fixed lr)
+        for key in BASELINES:
+            todo += [Run(ARMS[key], 0, lr, steps) for lr in sweep.get(key) or (fixed_lr[key],)]
+    if "pareto" in stages and lrs["muon_cosine"] is not None:
+        for seed in range(seeds):
+            for frac in (4, 2):
+                todo.append(Run(ARMS["muon_cosine"], seed, lrs["muon_cosine"], steps // frac))
+    study.ensure_all(todo)
+    if "baselines" in stages and baseline_seeds > 1:  # more seeds at the best lr of seed 0
+        rows = read_rows(study.csv_path)
+        more = []
+        for key in BASELINES:
+            lr = pick_lr(rows, key, steps) or fixed_lr[key]
+            more += [Run(ARMS[key], seed, lr, steps) for seed in range(1, baseline_seeds)]
+        study.ensure_all(more)
+
+
+# ------------------------------------------------------------------------------------ report
+def mean_sd(values: list[float]) -> tuple[float, float, int]:
+    n = len(values)
+    return statistics.fmean(values), (statistics.stdev(values) if n > 1 else float("nan")), n
+
+
+def fmt(values: list[float]) -> str:
+    if not values:
+        return "-"
+    m, sd, n = mean_sd(values)
+    return f"{m:.4f}" if n == 1 else f"{m:.4f} ± {sd:.4f} (n={n})"
+
+
+def main_runs(rows: list[dict[str, str]], steps: int) -> dict[str, list[dict[int, float]]]:
+    """{arm: [curve per seed]} for the study's length-T runs at each arm's picked lr."""
+    out: dict[str, list[dict[int, float]]] = defaultdict(list)
+    for (arm, _seed, lr, T), c in sorted(curves(rows).items()):
+        if T != steps or arm not in ARMS:
+            continue
+        if lr != pick_lr(rows, ARMS[arm].lr_from or arm, steps):
+            continue  # a sweep run at another lr
+        out[arm].append(c)
+    return out
+
+
+def report(rows: list[dict[str, str]], steps: int, png: Path | None, title: str) -> str:
+    lines: list[str] = []
+    lrs = {key: pick_lr(rows, key, steps) for key in SWEPT}
+    c = curves(rows)
+    walls = wall_times(rows)
+    lines.append(f"LR sweep (seed 0, T = {steps}; final validation loss, X for AMUSE):\n")
+    lines.append("| arm | " + " | ".join("lr" for _ in range(1)) + " | final loss | wall |")
+    lines.append("|---|---|---|---|")
+    for key in (*SWEPT, *BASELINES):
+        for k in sorted(k for k in c if k[0] == key and k[1] == 0 and k[3] == steps):
+            mark = " (picked)" if k[2] == pick_lr(rows, key, steps) else ""
+            lines.append(
+                f"| {key} | {k[2]:g}{mark} | {c[k].get(steps, float('nan')):.4f} "
+                f"| {walls.get(k, float('nan')):.0f} s |"
+            )
+    runs = main_runs(rows, steps)
+    marks = [s for s in (steps // 4, steps // 2, 3 * steps // 4, steps) if s > 0]
+    lines.append(
+        "\nValidation loss at X (AMUSE, SF-AdamW) or Y (others): mean ± sample sd over seeds\n"
+    )
+    lines.append("| arm | lr | " + " | ".join(f"step {s}" for s in marks) + " | wall per run |")
+    lines.append("|---|---|" + "---|" * len(marks) + "---|")
+    for key in ARMS:
+        if key not in runs:
+            continue
+        lr = next(k[2] for k in c if k[0] == key and k[3] == steps and c[k] in runs[key])
+        cells = [fmt([r[s] for r in runs[key] if s in r]) for s in marks]
+        w = [walls[k] for k in walls if k[0] == key and k[3] == steps and k[2] == lr]
+        lines.append(
+            f"| {ARMS[key].label} | {lr:g} | " + " | ".join(cells) + f" | {max(w):.0f} s max |"
+        )
+    # Pareto: cosine Muon trained to each length vs AMUSE's X at that step, per seed
+    lines.append(
+        "\nPareto check: cosine Muon trained to T' (its full warmup + decay) vs the X of one "
+        "AMUSE run read at step T' (same seeds):\n"
+    )
+    lines.append("| T' | Muon cosine to T' | AMUSE X at T' | AMUSE - Muon | in seed sds |")
+    lines.append("|---|---|---|---|---|")
+    mu_lr = lrs["muon_cosine"]
+    for t in (steps // 4, steps // 2, steps):
+        muon = [v[t] for k, v in c.items() if k[0] == "muon_cosine" and k[2] == mu_lr and k[3] == t]
+        amuse = [r[t] for r in runs.get("amuse", []) if t in r]
+        lines.append(f"| {t} | {fmt(muon)} | {fmt(amuse)} | {diff_in_sd(amuse, muon)} |")
+    for key in ("amuse_b",):
+        amuse_b = runs.get(key, [])
+        if amuse_b:
+            lines.append(
+                "\nSecond AMUSE arm vs the same Muon runs: "
+                + ", ".join(
+                    f"T'={t}: {diff_in_sd([r[t] for r in amuse_b if t in r], muon_at(c, mu_lr, t))}"
+                    for t in (steps // 4, steps // 2, steps)
+                )
+            )
+    if png is not None:
+        plot(runs, c, mu_lr, steps, png, title)
+        lines.append(f"\nwrote {png}")
+    return "\n".join(lines)
+
+
+def muon_at(
+    c: dict[tuple[str, int, float, int], dict[int, float]], lr: float | None, t: int
+) -> list[float]:
+    return [v[t] for k, v in c.items() if k[0] == "muon_cosine" and k[2] == lr and k[3] == t]
+
+
+def diff_in_sd(a: list[float], b: list[float]) -> str:
+    """mean(a) - mean(b), and that difference in seed standard deviations (the pooled sample
+    sd, sqrt((sd_a^2 + sd_b^2) / 2)); two table cells."""
+    if not a or not b:
+        return "- | -"
+    ma, sa, na = mean_sd(a)
+    mb, sb, nb = mean_sd(b)
+    d = ma - mb
+    if na < 2 or nb < 2:
+        return f"{d:+.4f} | -"
+    sd = math.sqrt((sa * sa + sb * sb) / 2)
+    return f"{d:+.4f} | {d / sd:+.1f}" if sd > 0 else f"{d:+.4f} | -"
+
+
+def plot(
+    runs: dict[str, list[dict[int, float]]],
+    c: dict[tuple[str, int, float, int], dict[int, float]],
+    mu_lr: float | None,
+    steps: int,
+    path: Path,
+    title: str,
+) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(8, 5), dpi=120)
-    finite: list[float] = []  # every evaluation but each curve's first (step 1)
-    first: list[float] = []
-    for r in results:
-        if not r.curve:
+    fig, (ax, bx) = plt.subplots(1, 2, figsize=(13, 5), dpi=110, width_ratios=(3, 2))
+    shown: list[float] = []
+    for key, curves_ in runs.items():
+        common = sorted(set.intersection(*(set(r) for r in curves_)))
+        common = [s for s in common if s > 1]  # step 1 (~ln vocab) squashes the rest
+        if not common:
             continue
-        color = COLORS.get(r.spec.key)
-        steps = sorted(r.curve)
-        vals = [r.curve[s] for s in steps]
-        finite += [v for v in vals[1:] if math.isfinite(v)]
-        first += [v for v in vals[:1] if math.isfinite(v)]
-        label = r.spec.label + (" at X" if r.x else "")
-        ax.plot(steps, vals, marker="o", ms=3, lw=1.8, color=color, label=label)
-        if r.x and r.y:
-            ys = sorted(r.y)
-            ax.plot(
-                ys,
-                [r.y[s] for s in ys],
-                ls="--",
-                lw=1.0,
-                alpha=0.7,
-                color=color,
-                label=r.spec.label + " at Y",
-            )
-    if finite:  # the step-1 evaluations (near ln(vocab)) would squash the rest of the plot
-        lo, hi = min(finite), max(finite)
-        pad = 0.05 * (hi - lo + 1e-3)
-        ax.set_ylim(lo - pad, hi + pad)
-        if first and max(first) > hi + pad:
-            ax.annotate(
-                f"step 1 (off scale): {min(first):.2f}-{max(first):.2f}",
-                xy=(0.01, 0.99),
-                xycoords="axes fraction",
-                va="top",
-                fontsize=8,
-                color="0.3",
-                bbox={"facecolor": "white", "edgecolor": "0.8", "pad": 2},
-            )
+        mean = [statistics.fmean(r[s] for r in curves_) for s in common]
+        lo = [min(r[s] for r in curves_) for s in common]
+        hi = [max(r[s] for r in curves_) for s in common]
+        n = len(curves_)
+        label = f"{ARMS[key].label}{' at X' if ARMS[key].averages else ''} (n={n})"
+        ax.plot(common, mean, marker="o", ms=3, lw=1.6, color=COLORS[key], label=label)
+        if n > 1:
+            ax.fill_between(common, lo, hi, color=COLORS[key], alpha=0.2, lw=0)
+        shown += [*lo, *hi]
+    if shown:
+        cut = sorted(shown)[int(0.9 * (len(shown) - 1))]  # keep the early, high losses off scale
+        ax.set_ylim(min(shown) - 0.05, cut + 0.05)
     ax.set_xlabel("step")
-    ax.set_ylabel("validation loss")
-    ax.set_title(title, fontsize=10)
+    ax.set_ylabel("validation loss (mean over seeds; band: min-max)")
+    ax.set_title(title, fontsize=9)
     ax.grid(alpha=0.3)
-    if ax.lines:
-        ax.legend(fontsize=8)
+    ax.legend(fontsize=7)
+    # Pareto panel: final loss vs run length
+    lengths = (steps // 4, steps // 2, steps)
+    for key, marker in (("amuse", "o"), ("amuse_b", "s")):
+        pts = [(t, [r[t] for r in runs.get(key, []) if t in r]) for t in lengths]
+        pts = [(t, v) for t, v in pts if v]
+        if pts:
+            bx.errorbar(
+                [t for t, _ in pts],
+                [statistics.fmean(v) for _, v in pts],
+                yerr=[
+                    [statistics.fmean(v) - min(v) for _, v in pts],
+                    [max(v) - statistics.fmean(v) for _, v in pts],
+                ],
+                marker=marker,
+                color=COLORS[key],
+                capsize=3,
+                label=f"{ARMS[key].label}: one run, X read at step T'",
+            )
+    mu = [(t, muon_at(c, mu_lr, t)) for t in lengths]
+    mu = [(t, v) for t, v in mu if v]
+    if mu:
+        bx.errorbar(
+            [t for t, _ in mu],
+            [statistics.fmean(v) for _, v in mu],
+            yerr=[
+                [statistics.fmean(v) - min(v) for _, v in mu],
+                [max(v) - statistics.fmean(v) for _, v in mu],
+            ],
+            marker="^",
+            color=COLORS["muon_cosine"],
+            capsize=3,
+            label="Muon cosine, a separate run to each T'",
+        )
+    bx.set_xlabel("run length T' (steps)")
+    bx.set_ylabel("final validation loss")
+    bx.set_title("Pareto check (mean, min-max over seeds)", fontsize=9)
+    bx.grid(alpha=0.3)
+    bx.legend(fontsize=7)
     fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path)
     plt.close(fig)
 
 
-def table(results: list[Result]) -> str:
-    head = (
-        f"| {'optimizer':<20} | {'lr':>7} | {'weights':>7} | {'final val loss':>14} "
-        f"| {'best val loss':>13} | {'final at Y':>10} | {'wall time':>9} |"
-    )
-    lines = [head, "|" + "|".join("-" * (len(c)) for c in head.split("|")[1:-1]) + "|"]
-    for r in results:
-        curve = r.curve
-        if curve:
-            last = curve[max(curve)]
-            final, best = f"{last:.4f}", f"{min(curve.values()):.4f}"
-        else:
-            final = best = "-"
-        final_y = f"{r.y[max(r.y)]:.4f}" if r.x and r.y else "-"
-        wall = f"{r.wall_s:.0f} s" if r.wall_s is not None else "-"
-        if not r.ok:
-            final = f"FAILED ({r.error})" if not curve else f"{final} (FAILED)"
-        lines.append(
-            f"| {r.spec.label:<20} | {r.lr:>7.0e} | {r.weights if curve else '-':>7} "
-            f"| {final:>14} | {best:>13} | {final_y:>10} | {wall:>9} |"
-        )
-    return "\n".join(lines)
-
-
 # ---------------------------------------------------------------------------------------- main
+def parse_sweep(items: Sequence[str], base: dict[str, tuple[float, ...]]) -> dict[str, tuple]:
+    out = dict(base)
+    for item in items:
+        name, _, values = item.partition("=")
+        try:
+            lrs = tuple(float(v) for v in values.split(",") if v)
+        except ValueError:
+            lrs = ()
+        if name not in (*SWEPT, *BASELINES) or not lrs:
+            raise SystemExit(
+                f"--sweep {item}: expected NAME=LR,LR,... with NAME in {(*SWEPT, *BASELINES)}"
+            )
+        out[name] = lrs
+    return out
+
+
 def parse_args(argv: Sequence[str] | None) -> tuple[argparse.Namespace, list[str]]:
     argv = list(sys.argv[1:] if argv is None else argv)
     passthrough: list[str] = []
@@ -419,45 +766,42 @@ def parse_args(argv: Sequence[str] | None) -> tuple[argparse.Namespace, list[str
         i = argv.index("--")
         argv, passthrough = argv[:i], argv[i + 1 :]
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    p.add_argument("--gpu", action="store_true", help="GPU-sized run (124M, all local GPUs)")
-    p.add_argument("--steps", type=int, default=None, help="training steps (CPU 200, GPU 3000)")
+    p.add_argument("--gpu", action="store_true", help="124M, seq 512, bf16, compile, all GPUs")
+    p.add_argument("--steps", type=int, default=None, help="T (CPU 200, GPU 2000)")
     p.add_argument("--val-freq", type=int, default=None, help="validate every K steps")
     p.add_argument("--val-steps", type=int, default=None, help="validation batches per rank")
     p.add_argument("--nproc", type=int, default=None, help="ranks (CPU 2, GPU: all GPUs)")
     p.add_argument("--flavor", default=None, help="model flavor (CPU tiny, GPU 124M)")
+    p.add_argument("--seeds", type=int, default=2, help="seeds of the AMUSE and Muon arms")
+    p.add_argument("--baseline-seeds", type=int, default=1, help="seeds of AdamW and SF-AdamW")
     p.add_argument(
-        "--optimizers", nargs="+", choices=list(RUNS), default=list(RUNS), help="subset to run"
+        "--sweep", action="append", default=[], metavar="NAME=LR,LR", help="an arm's lr grid"
     )
     p.add_argument(
-        "--lr",
-        action="append",
-        default=[],
-        metavar="NAME=LR",
-        help="override one run's learning rate, e.g. --lr adamw=1e-3 (repeatable)",
+        "--stages",
+        nargs="+",
+        default=["sweep", "seeds", "baselines", "pareto"],
+        choices=["sweep", "seeds", "baselines", "pareto"],
     )
-    p.add_argument("--out-dir", type=Path, default=REPO / "docs", help="CSV and PNG go here")
-    p.add_argument(
-        "--runs-dir",
-        type=Path,
-        default=REPO / "outputs" / "convergence",
-        help="dump folders, one per run",
-    )
-    p.add_argument("--timeout", type=int, default=3600, help="seconds per run")
-    p.add_argument(
-        "--no-train", action="store_true", help="re-read existing runs; only write CSV and plot"
-    )
+    p.add_argument("--csv", type=Path, default=REPO / "docs" / "convergence.csv")
+    p.add_argument("--png", type=Path, default=REPO / "docs" / "convergence.png")
+    p.add_argument("--runs-dir", type=Path, default=REPO / "outputs" / "convergence")
+    p.add_argument("--jobs", type=int, default=1, help="runs at a time (each uses --nproc ranks)")
+    p.add_argument("--keep-runs", action="store_true", help="keep each run's dump folder")
+    p.add_argument("--timeout", type=int, default=1800, help="seconds per run")
+    p.add_argument("--report", action="store_true", help="only print tables and plot the CSV")
     return p.parse_args(argv), passthrough
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args, passthrough = parse_args(argv)
     prof = GPU if args.gpu else CPU
-    if args.flavor:
-        prof = Profile(**{**prof.__dict__, "flavor": args.flavor})
-    steps = args.steps or prof.steps
-    val_freq = args.val_freq or (prof.val_freq if args.steps is None else max(1, steps // 8))
-    prof = Profile(
-        **{**prof.__dict__, "val_freq": val_freq, "val_steps": args.val_steps or prof.val_steps}
+    prof = replace(
+        prof,
+        flavor=args.flavor or prof.flavor,
+        steps=args.steps or prof.steps,
+        val_freq=args.val_freq or prof.val_freq,
+        val_steps=args.val_steps or prof.val_steps,
     )
     if args.nproc is not None:
         nproc = args.nproc
@@ -470,60 +814,37 @@ def main(argv: Sequence[str] | None = None) -> int:
             return 2
     else:
         nproc = 2
-    lrs: dict[str, float] = {}
-    for item in args.lr:
-        name, _, value = item.partition("=")
-        if name not in RUNS or not value:
-            print(f"--lr {item}: expected NAME=LR with NAME in {', '.join(RUNS)}", file=sys.stderr)
-            return 2
-        lrs[name] = float(value)
-    tokens_per_step = prof.local_batch_size * prof.seq_len * nproc
+    tokens = prof.local_batch_size * prof.seq_len * nproc
     device = "GPU" if args.gpu else "CPU"
-    print(
-        f"convergence: flavor {prof.flavor}, {steps} steps, {nproc} {device} ranks, "
-        f"{tokens_per_step} tokens/step, validation every {prof.val_freq} steps "
-        f"({prof.val_steps} batches/rank)",
-        flush=True,
-    )
-
-    results: list[Result] = []
-    for key in args.optimizers:
-        spec = RUNS[key]
-        lr = lrs.get(key, spec.gpu_lr if args.gpu else spec.cpu_lr)
-        res = Result(spec=spec, dump=args.runs_dir.resolve() / key, lr=lr)
-        results.append(res)
-        if not args.no_train:
-            targs = trainer_args(spec, prof, steps, lr, res.dump, passthrough)
-            print(f"[{key}] {spec.label}, lr {lr:g} ...", flush=True)
-            launch(res, targs, nproc, args.gpu, args.timeout)
-        collect(res)
-        if not res.ok:
-            print(f"[{key}] FAILED: {res.error}; log tails:")
-            print(failure_report(res.dump), flush=True)
-        elif res.curve:
-            s = max(res.curve)
-            wall = f"{res.wall_s:.0f} s" if res.wall_s is not None else "-"
-            print(
-                f"[{key}] done in {wall}: val loss {res.curve[s]:.4f} at step {s} "
-                f"({res.weights.upper()})",
-                flush=True,
-            )
-
-    args.out_dir.mkdir(parents=True, exist_ok=True)
-    csv_path, png_path = args.out_dir / "convergence.csv", args.out_dir / "convergence.png"
-    write_csv(results, csv_path, tokens_per_step)
     title = (
-        f"Llama {prof.flavor}, {nproc} {device} ranks, {steps} steps x {tokens_per_step} tokens, "
-        f"seed 0 (X: averaged weights, Y: training weights)"
+        f"Llama {prof.flavor} (tied, std 0.02, theta 1e4), {nproc} {device} ranks, "
+        f"{prof.steps} steps x {tokens} tokens, {prof.val_steps * nproc} val batches"
     )
-    plot(results, png_path, title)
-    print(f"\nwrote {csv_path} and {png_path}\n")
-    print(table(results))
-    failed = [r.spec.key for r in results if not r.ok]
-    if failed:
-        print(f"\nfailed: {', '.join(failed)}", file=sys.stderr)
+    if not args.report:
+        print(f"convergence: {title}", flush=True)
+        study = Study(
+            prof=prof,
+            nproc=nproc,
+            gpu=args.gpu,
+            csv_path=args.csv,
+            runs_dir=args.runs_dir.resolve(),
+            timeout=args.timeout,
+            passthrough=passthrough,
+            keep_runs=args.keep_runs,
+            failed=[],
+            jobs=args.jobs,
+        )
+        sweep = parse_sweep(args.sweep, GPU_SWEEP if args.gpu else CPU_SWEEP)
+        fixed = {k: (ARMS[k].gpu_lr if args.gpu else ARMS[k].cpu_lr) for k in BASELINES}
+        protocol(study, prof.steps, sweep, args.seeds, args.baseline_seeds, fixed, args.stages)
+        if study.failed:
+            print(f"failed: {', '.join(study.failed)}", file=sys.stderr)
+    rows = read_rows(args.csv)
+    if not rows:
+        print(f"{args.csv}: no results", file=sys.stderr)
         return 1
-    return 0
+    print(report(rows, prof.steps, args.png, title))
+    return 1 if not args.report and study.failed else 0
 
 
 if __name__ == "__main__":

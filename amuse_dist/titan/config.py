@@ -83,10 +83,13 @@ def job_config_cls() -> type:
         if spec.section is not None and spec.hparams is not None
     ]
     sections += [
+        ("model", ModelOptions, field(default_factory=ModelOptions)),
         ("anytime", Anytime, field(default_factory=Anytime)),
         ("local_data", LocalData, field(default_factory=LocalData)),
     ]
-    sections += _choice_sections()
+    choices = _choice_sections()  # its [model] extends ModelOptions
+    replaced = {name for name, _, _ in choices}
+    sections = [s for s in sections if s[0] not in replaced] + choices
     return make_dataclass("JobConfig", sections)
 
 
@@ -122,7 +125,9 @@ def _choice_sections() -> list[tuple[str, type, Any]]:
         ],
     )
     model = make_dataclass(
-        "Model", [_choices("flavor", list(FLAVORS), "debugmodel", "Model size (llama3 flavors).")]
+        "Model",
+        [_choices("flavor", list(FLAVORS), "debugmodel", "Model size (llama3 flavors).")],
+        bases=(ModelOptions,),
     )
     training = make_dataclass(
         "Training", [_choices("dataset", datasets, "c4_test", "A registered dataset.")]
@@ -147,6 +152,22 @@ def __getattr__(name: str) -> Any:
     if name == "JobConfig":
         return job_config_cls()
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+@dataclass
+class ModelOptions:
+    """Keys added to torchtitan's ``[model]`` (ConfigManager merges same-named sections): the
+    paper's model options. The defaults are torchtitan's Llama 3; the paper's Llama is
+    ``tie_embeddings = true``, ``init_std = 0.02``, ``rope_theta = 10000.0``, ``rope_scaling = false``."""
+
+    tie_embeddings: bool = False
+    """One parameter for the token embedding and the output head (exports tie_word_embeddings)."""
+    init_std: float | None = None
+    """Unset: torchtitan's init. A float: every weight matrix drawn from N(0, init_std)."""
+    rope_theta: float | None = None
+    """RoPE base; unset keeps the flavor's (500000 for llama3_amuse flavors)."""
+    rope_scaling: bool = True
+    """Llama 3's long-context RoPE frequency scaling; the authors' Llama has none (false)."""
 
 
 # --------------------------------------------------------------------------------------------

@@ -72,7 +72,9 @@ def llama3_rope_parameters(rope: Any, theta: float, max_position_embeddings: int
 
 def is_tied(model_args: Any, state_dict: dict[str, torch.Tensor]) -> bool:
     """True when the output head shares the token embedding (no separate ``output.weight``)."""
-    if getattr(model_args, "tie_word_embeddings", False):
+    if getattr(model_args, "tie_word_embeddings", False) or getattr(
+        model_args, "tie_embeddings", False
+    ):
         return True
     return "output.weight" not in state_dict and "tok_embeddings.weight" in state_dict
 

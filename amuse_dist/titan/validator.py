@@ -166,7 +166,12 @@ class AnytimeValidator(Validator):
             del xs
         if self.validate_y or "validation_x/loss" not in extra:
             extra["validation_y/loss"] = self.evaluate(model_parts)[0]
-        main = extra.get("validation_x/loss", extra["validation_y/loss"])
+        # X where it was evaluated (validate_y = false leaves no Y loss)
+        main = (
+            extra["validation_x/loss"]
+            if "validation_x/loss" in extra
+            else extra["validation_y/loss"]
+        )
         self.metrics_processor.log_validation(loss=main, step=step, extra_metrics=extra)
         if len(extra) > 1:
             logger.info(
