@@ -214,6 +214,7 @@ def job_config_for(target: Path, kind: str, args: argparse.Namespace) -> Any:
     config.validation.enable = True
     # the training loader is built but never read: let it fit any number of eval ranks
     config.training.global_batch_size = -1
+    _one_dimensional(config.parallelism)
     overrides = {
         "steps": args.steps,
         "local_batch_size": args.batch_size,
@@ -231,6 +232,16 @@ def job_config_for(target: Path, kind: str, args: argparse.Namespace) -> Any:
             f"model's context ([training] seq_len of the run in {step_dir.parent})"
         )
     return config
+
+
+def _one_dimensional(par: Any) -> None:
+    """Evaluate on 1-D FSDP over whatever ranks amuse-eval runs on: the run's mesh (HSDP, TP)
+    needs its rank count, the loss does not depend on the layout, and DCP reshards on load."""
+    par.data_parallel_replicate_degree = 1
+    par.data_parallel_shard_degree = -1
+    par.tensor_parallel_degree = 1
+    par.pipeline_parallel_degree = 1
+    par.context_parallel_degree = 1
 
 
 def _assign(obj: Any, values: dict[str, Any]) -> None:

@@ -10,6 +10,7 @@ import dataclasses
 import difflib
 import importlib
 import math
+import os
 import types
 import typing
 from dataclasses import dataclass, field, make_dataclass
@@ -375,6 +376,7 @@ def check_values(cfg: Any, explicit: set[tuple[str, str]] = frozenset()) -> list
                 f"[local_data] vocab_size = {cfg.local_data.vocab_size}: expected <= "
                 f'{flavor.vocab_size}, the vocab of [model] flavor = "{cfg.model.flavor}"'
             )
+    errors += check_parallelism(cfg.parallelism)
     if cfg.model.name == "llama3_amuse":
         from amuse_dist.titan.train_spec import FLAVORS
 
@@ -422,13 +424,57 @@ def _prelaunch_checks(cfg: Any) -> list[str]:
             f"{_fmt(cfg.training.dataset)} (the world-size-independent loader keeps its stream "
             "position in the training process; token_shards datasets allow workers)"
         )
-    p = cfg.parallelism
-    if cfg.validation.enable and (p.pipeline_parallel_degree > 1 or p.context_parallel_degree > 1):
-        key = "pipeline" if p.pipeline_parallel_degree > 1 else "context"
+    return errors
+
+
+def check_parallelism(par: Any, world_size: int | None = None) -> list[str]:
+    """Mesh layouts the trainer cannot run, refused before any process group starts.
+
+    Supported: 1-D FSDP, DDP, HSDP (``data_parallel_replicate_degree`` > 1), TP and FSDP+TP
+    (``tensor_parallel_degree`` > 1 with ``data_parallel_shard_degree`` > 1). ``world_size``
+    defaults to torchrun's WORLD_SIZE when set, so the degrees are checked against the ranks.
+    """
+    errors = []
+    if par.pipeline_parallel_degree > 1:
         errors.append(
-            f"[parallelism] {key}_parallel_degree = "
-            f"{getattr(p, key + '_parallel_degree')}: validation at X is not supported with "
-            "pipeline or context parallelism; set [validation] enable = false"
+            f"[parallelism] pipeline_parallel_degree = {par.pipeline_parallel_degree}: expected 1; "
+            "pipeline parallelism is not supported by amuse_dist's trainer (each rank would hold "
+            "only its stages: the validator, X export and CPU init need the whole model)"
+        )
+    if par.context_parallel_degree > 1:
+        errors.append(
+            f"[parallelism] context_parallel_degree = {par.context_parallel_degree}: expected 1; "
+            "context parallelism is not supported by amuse_dist's trainer (its validator does not "
+            "shard sequences; on CPU, attention has no DTensor sharding rule)"
+        )
+    if world_size is None and os.environ.get("WORLD_SIZE", "").isdigit():
+        world_size = int(os.environ["WORLD_SIZE"])
+    rep, shard, tp = (
+        par.data_parallel_replicate_degree,
+        par.data_parallel_shard_degree,
+        par.tensor_parallel_degree,
+    )
+    others = rep * tp * max(1, par.pipeline_parallel_degree) * max(1, par.context_parallel_degree)
+    degrees = {
+        "data_parallel_replicate_degree": rep,
+        "data_parallel_shard_degree": shard,
+        "tensor_parallel_degree": tp,
+        "pipeline_parallel_degree": par.pipeline_parallel_degree,
+        "context_parallel_degree": par.context_parallel_degree,
+    }
+    layout = ", ".join(f"{k} = {v}" for i, (k, v) in enumerate(degrees.items()) if i < 3 or v != 1)
+    if world_size is not None and min(rep, tp) >= 1 and shard != 0:
+        if shard < 0 and world_size % others == 0:
+            shard = world_size // others
+        if shard < 0 or shard * others != world_size:
+            errors.append(
+                f"[parallelism] {layout}: their product must equal the {world_size} ranks "
+                "launched (data_parallel_shard_degree = -1 takes what the others leave)"
+            )
+    if rep > 1 and tp > 1 and shard == 1:
+        errors.append(
+            f"[parallelism] {layout}: DDP + TP is not supported by torchtitan; use "
+            "data_parallel_shard_degree > 1 (HSDP + TP) or data_parallel_replicate_degree = 1"
         )
     return errors
 
