@@ -338,10 +338,12 @@ def export_hf(
 
 
 def _permutable(state_dict: dict[str, torch.Tensor], model_args: Any) -> dict[str, torch.Tensor]:
-    """Gather the q/k projections whose heads do not split evenly over the shards.
+    """Gather the q/k projections whose heads do not split evenly over their row pieces.
 
     The HF layout permutes rows within each head; a DTensor can only be viewed per head when
-    every shard holds whole heads. Everything else stays sharded for the distributed writer.
+    every piece holds whole heads. The pieces are counted over the mesh dims that split rows
+    (FSDP's Shard(0), TP's colwise Shard(0), FSDP+TP's _StridedShard(0)); replicated dims (HSDP)
+    do not split anything. Everything else stays sharded for the distributed writer.
     """
     from torch.distributed.tensor import DTensor
 
@@ -350,9 +352,25 @@ def _permutable(state_dict: dict[str, torch.Tensor], model_args: Any) -> dict[st
     out = dict(state_dict)
     for key, value in state_dict.items():
         n = next((h for suffix, h in heads.items() if key.endswith(suffix)), None)
-        if n is not None and isinstance(value, DTensor) and n % value.device_mesh.size() != 0:
+        if n is not None and isinstance(value, DTensor) and not _whole_heads(value, n):
             out[key] = value.full_tensor()
     return out
+
+
+def _whole_heads(t: torch.Tensor, n_heads: int) -> bool:
+    """True when every piece of DTensor ``t`` holds whole heads (rows split evenly by head)."""
+    from torch.distributed.tensor import DTensor, Replicate, Shard
+    from torch.distributed.tensor.placement_types import _StridedShard
+
+    if not isinstance(t, DTensor):
+        return True
+    pieces = 1
+    for size, placement in zip(t.device_mesh.shape, t.placements, strict=True):
+        if isinstance(placement, (Shard, _StridedShard)):
+            pieces *= size if placement.dim == 0 else 1
+        elif not isinstance(placement, Replicate):
+            return False  # Partial: gather
+    return n_heads % pieces == 0
 
 
 def load_hf_export(path: str | os.PathLike[str], sd_adapter: Any) -> dict[str, torch.Tensor]:
