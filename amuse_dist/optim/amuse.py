@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
-from torch.distributed.tensor import DTensor, Shard
+from torch.distributed.tensor import DTensor, Replicate
 from torch.optim import Optimizer
 
 from amuse_dist.distributed.layout import local_view
@@ -348,8 +348,7 @@ class AMUSE(Optimizer):
         branch = "muon" if b.muon else "adamw"
         for p, o in zip(b.params, directions, strict=True):
             sq = o.float().pow(2).sum(dtype=torch.float64)
-            if not (isinstance(p, DTensor) and isinstance(p.placements[0], Shard)):
-                sq = sq / _replicas(p, self._muon.replicated_group)
+            sq = sq / _replicas(p, self._muon.replicated_group)
             prev = self._sq_sums.get(branch)
             self._sq_sums[branch] = sq if prev is None else prev + sq
             self._numels[branch] = self._numels.get(branch, 0) + p.numel()
@@ -410,8 +409,13 @@ class AMUSE(Optimizer):
 
 
 def _replicas(p: torch.Tensor, group: dist.ProcessGroup | None) -> int:
+    """How many ranks hold a copy of this rank's piece of ``p`` (its Replicate mesh dims: the
+    replicate dim of HSDP, the tp dim for norms under TP), so the world sum counts it once."""
     if isinstance(p, DTensor):
-        return p.device_mesh.size()
+        n = 1
+        for size, placement in zip(p.device_mesh.shape, p.placements, strict=True):
+            n *= size if isinstance(placement, Replicate) else 1
+        return n
     return dist.get_world_size(group) if group is not None else 1
 
 
