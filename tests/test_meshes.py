@@ -17,14 +17,19 @@ import pytest
 import torch
 
 from amuse_dist.titan.config import check_parallelism, parse_job_config
-from tests._titan import DEBUG_TOML, debug_args, torchrun
-from tests.test_checkpoint import _fresh_llama_losses, amuse_eval, read_x, tb_by_step
+from amuse_dist.titan.export import row_pieces
+from tests._titan import DEBUG_TOML, debug_args, tb_by_step, torchrun
+from tests.test_checkpoint import _fresh_llama_losses, amuse_eval, read_x
 
 STEPS = 8
 GLOBAL_BATCH = 8
 LOSS = "loss_metrics/global_avg_loss"
 # an averaging optimizer without a Muon branch: its X export and validation at X are exercised
-OPTIMIZER = {"optimizer__name": "ScheduleFreeAdamW", "optimizer__lr": 2e-3}
+OPTIMIZER = {
+    "optimizer__name": "ScheduleFreeAdamW",
+    "optimizer__lr": 2e-3,
+    "sf_adamw__warmup_steps": 3,
+}
 HSDP = {
     "parallelism__data_parallel_replicate_degree": 2,
     "parallelism__data_parallel_shard_degree": 2,
@@ -43,7 +48,6 @@ def mesh_args(dump: Path, assets: Path, mesh: dict, steps: int = STEPS, **extra:
         training__global_batch_size=GLOBAL_BATCH,
         checkpoint__interval=3,
         validation__freq=4,
-        amuse__warmup_steps=3,
         **OPTIMIZER,
         **mesh,
     )
@@ -159,3 +163,18 @@ def test_degrees_checked_against_ranks() -> None:
     assert check_parallelism(par, world_size=4) == []
     (err,) = check_parallelism(par, world_size=3)
     assert "tensor_parallel_degree = 2" in err and "3 ranks" in err, err
+
+
+def test_row_pieces_of_each_layout() -> None:
+    """The X export gathers q/k only when a row piece would cut a head: pieces per layout."""
+    from torch.distributed.tensor import Partial, Replicate, Shard
+    from torch.distributed.tensor.placement_types import _StridedShard
+
+    assert row_pieces((4,), (Shard(0),)) == 4  # 1-D FSDP
+    assert (
+        row_pieces((2, 4), (Replicate(), Shard(0))) == 4
+    )  # HSDP: the replicate dim splits nothing
+    assert row_pieces((2, 2), (_StridedShard(0, split_factor=2), Shard(0))) == 4  # FSDP+TP wq
+    assert row_pieces((2, 2), (Shard(0), Shard(1))) == 2  # FSDP+TP wo: TP splits columns
+    assert row_pieces((2, 2), (Shard(0), Replicate())) == 2
+    assert row_pieces((2,), (Partial(),)) is None

@@ -359,18 +359,27 @@ def _permutable(state_dict: dict[str, torch.Tensor], model_args: Any) -> dict[st
 
 def _whole_heads(t: torch.Tensor, n_heads: int) -> bool:
     """True when every piece of DTensor ``t`` holds whole heads (rows split evenly by head)."""
-    from torch.distributed.tensor import DTensor, Replicate, Shard
-    from torch.distributed.tensor.placement_types import _StridedShard
+    from torch.distributed.tensor import DTensor
 
     if not isinstance(t, DTensor):
         return True
+    pieces = row_pieces(tuple(t.device_mesh.shape), tuple(t.placements))
+    return pieces is not None and n_heads % pieces == 0
+
+
+def row_pieces(mesh_shape: tuple[int, ...], placements: tuple[Any, ...]) -> int | None:
+    """Into how many pieces the placements cut a matrix's rows: the product of the mesh dims
+    that shard dim 0 (Shard(0), _StridedShard(0)); None for a Partial placement."""
+    from torch.distributed.tensor import Replicate, Shard
+    from torch.distributed.tensor.placement_types import _StridedShard
+
     pieces = 1
-    for size, placement in zip(t.device_mesh.shape, t.placements, strict=True):
+    for size, placement in zip(mesh_shape, placements, strict=True):
         if isinstance(placement, (Shard, _StridedShard)):
             pieces *= size if placement.dim == 0 else 1
         elif not isinstance(placement, Replicate):
-            return False  # Partial: gather
-    return n_heads % pieces == 0
+            return None
+    return pieces
 
 
 def load_hf_export(path: str | os.PathLike[str], sd_adapter: Any) -> dict[str, torch.Tensor]:
