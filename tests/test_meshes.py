@@ -14,7 +14,6 @@ import shutil
 from pathlib import Path
 
 import pytest
-import torch
 
 from amuse_dist.titan.config import check_parallelism, parse_job_config
 from amuse_dist.titan.export import row_pieces
@@ -24,12 +23,17 @@ from tests.test_checkpoint import _fresh_llama_losses, amuse_eval, read_x
 STEPS = 8
 GLOBAL_BATCH = 8
 LOSS = "loss_metrics/global_avg_loss"
-# an averaging optimizer without a Muon branch: its X export and validation at X are exercised
+# An averaging optimizer without a Muon branch: its X export and validation at X are exercised.
+# X_REL bounds the relative Frobenius distance between X exports of different layouts. With a
+# Muon branch (AMUSE) it must be looser: bf16 Newton-Schulz amplifies the layouts' different
+# reduction orders (measured on the exchange branch: 1.1e-2 at step 3, 2.1e-2 at step 8, HSDP
+# vs FSDP+TP, in o_proj; 1-D FSDP 2 differs from both by as much) while the losses agree to 1e-5.
 OPTIMIZER = {
     "optimizer__name": "ScheduleFreeAdamW",
     "optimizer__lr": 2e-3,
     "sf_adamw__warmup_steps": 3,
 }
+X_REL = 1e-4
 HSDP = {
     "parallelism__data_parallel_replicate_degree": 2,
     "parallelism__data_parallel_shard_degree": 2,
@@ -82,6 +86,14 @@ def assert_close(got: dict[int, float], ref: dict[int, float], steps: range, rel
         assert got[s] == pytest.approx(ref[s], rel=rel), (s, got, ref)
 
 
+def assert_x_close(a: Path, b: Path) -> None:
+    """Two checkpoints' X exports hold the same tensors within X_REL (relative Frobenius)."""
+    xa, xb = read_x(a), read_x(b)
+    assert xa.keys() == xb.keys()
+    far = {k: float((xa[k] - xb[k]).norm() / xa[k].norm()) for k in xa}
+    assert max(far.values()) <= X_REL, sorted(far.items(), key=lambda kv: -kv[1])[:4]
+
+
 def test_layouts_train_alike(hsdp: Path, fsdp_tp: Path) -> None:
     """Same init, same global batch: HSDP 2x2 and FSDP+TP 2x2 give the same losses, the same
     optimizer metrics (update RMS counts replicated pieces once) and validate at X and Y."""
@@ -99,10 +111,8 @@ def test_layouts_train_alike(hsdp: Path, fsdp_tp: Path) -> None:
         assert sorted(x) == sorted(y) == [1, 4, 8], (x, y)
         assert all(math.isfinite(v) for v in [*x.values(), *y.values()])
         assert x[8] != y[8]
-    xa, xb = read_x(hsdp / "checkpoint" / "step-8"), read_x(fsdp_tp / "checkpoint" / "step-8")
-    assert xa.keys() == xb.keys()
-    for k in xa:  # the exported X of both layouts, q/k head permutation included
-        torch.testing.assert_close(xa[k], xb[k], rtol=1e-4, atol=1e-5, msg=k)
+    # the exported X of both layouts, q/k head permutation included
+    assert_x_close(hsdp / "checkpoint" / "step-8", fsdp_tp / "checkpoint" / "step-8")
 
 
 def test_fsdp_tp_resume(fsdp_tp: Path, tmp_path: Path, assets: Path) -> None:
@@ -118,9 +128,7 @@ def test_hsdp_to_fsdp_and_back(hsdp: Path, tmp_path: Path, assets: Path) -> None
     assert_close(resume(hsdp, 3, fsdp, assets, 2, FSDP2, 6), ref, range(4, 7), rel=1e-5)
     back = tmp_path / "back_on_hsdp"
     assert_close(resume(fsdp, 6, back, assets, 4, HSDP, STEPS), ref, range(7, STEPS + 1), rel=1e-5)
-    xa, xb = read_x(hsdp / "checkpoint" / "step-8"), read_x(back / "checkpoint" / "step-8")
-    for k in xa:
-        torch.testing.assert_close(xa[k], xb[k], rtol=1e-4, atol=1e-5, msg=k)
+    assert_x_close(hsdp / "checkpoint" / "step-8", back / "checkpoint" / "step-8")
 
 
 @pytest.mark.parametrize("layout", ["hsdp", "fsdp_tp"])
