@@ -390,7 +390,7 @@ class OwnerwiseNewtonSchulz:
             for b, pos, distinct, tiled in [] if w.direct_out else w.ret_pieces:
                 mat = results[b][pos]
                 if tiled:
-                    flat.extend(mat.view(-1).split([p.numel for p in distinct]))
+                    flat.extend(mat.reshape(-1).split([p.numel for p in distinct]))
                 else:
                     flat.extend(
                         mat[p.row : p.row + p.rows, p.col : p.col + p.cols].reshape(-1)
