@@ -359,17 +359,14 @@ def failure_report(dump: Path) -> str:
 
 
 def read_tb(dump: Path) -> dict[str, dict[int, float]]:
-    """{tag: {step: value}} for the validation tags of every event file under ``<dump>/tb``."""
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    """{tag: {step: value}} for the validation tags under ``<dump>/tb`` (amuse-plot's reader)."""
+    from amuse_dist.plot import read_scalars
 
-    out: dict[str, dict[int, float]] = {}
-    for f in sorted(dump.glob("tb/**/events.out.tfevents.*")):
-        acc = EventAccumulator(str(f), size_guidance={"scalars": 0})
-        acc.Reload()
-        for tag in (X_TAG, Y_TAG, MAIN_TAG):
-            if tag in acc.Tags()["scalars"]:
-                out.setdefault(tag, {}).update({e.step: e.value for e in acc.Scalars(tag)})
-    return out
+    try:
+        scalars = read_scalars(dump / "tb")
+    except FileNotFoundError:  # a run that died before logging
+        return {}
+    return {tag: scalars[tag] for tag in (X_TAG, Y_TAG, MAIN_TAG) if tag in scalars}
 
 
 # -------------------------------------------------------------------------------------- CSV

@@ -119,18 +119,11 @@ def losses(output: str) -> dict[int, float]:
 
 
 def tb_scalars(dump: Path) -> dict[str, dict[int, float]]:
-    """{tag: {step: value}} from a run's TensorBoard files (a resumed run's later write wins)."""
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    """{tag: {step: value}} from a run's TensorBoard files: amuse-plot's reader (the one there is;
+    a resumed run's later write wins)."""
+    from amuse_dist.plot import read_scalars
 
-    files = sorted(dump.glob("tb/**/events.out.tfevents.*"))
-    assert files, f"no TensorBoard event files under {dump / 'tb'}"
-    tags: dict[str, dict[int, float]] = {}
-    for f in files:
-        acc = EventAccumulator(str(f), size_guidance={"scalars": 0})
-        acc.Reload()
-        for tag in acc.Tags()["scalars"]:
-            tags.setdefault(tag, {}).update({e.step: e.value for e in acc.Scalars(tag)})
-    return tags
+    return read_scalars(dump / "tb")
 
 
 def tb_by_step(dump: Path, tag: str) -> dict[int, float]:
