@@ -1,11 +1,15 @@
-"""Helpers for tests that launch the real trainer with torchrun (CPU, gloo)."""
+"""Test helpers, once each: launching the trainer and workers with torchrun (CPU, gloo), reading
+what a run wrote (logs, TensorBoard, X exports), amuse-eval, and an export's loss in a fresh model."""
 
+import json
 import os
 import re
 import subprocess
 import sys
 from pathlib import Path
 from typing import Any
+
+import torch
 
 REPO = Path(__file__).resolve().parents[1]
 DEBUG_TOML = REPO / "train_configs" / "debug_cpu.toml"
@@ -42,8 +46,6 @@ def torchrun_cmd(nproc: int, *target: str) -> list[str]:
 
 def run_worker(script: Path, nproc: int, args: list[str], out: Path, timeout: int = 300) -> Any:
     """Run a worker script on ``nproc`` gloo ranks; return what it saved to ``out`` (torch.save)."""
-    import torch
-
     e = env(out.parent)
     e["CUDA_VISIBLE_DEVICES"] = ""
     cmd = torchrun_cmd(nproc, str(script), *args, "--out", str(out))
@@ -146,3 +148,90 @@ def run_args(
     )
     base.update(overrides)
     return debug_args(dump, assets, steps=steps, **base)
+
+
+# ------------------------------------------------------------------ reading what a run wrote
+def read_x(step_dir: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    files = sorted((step_dir / "x").glob("*.safetensors"))
+    assert files, f"no X export in {step_dir}"
+    out: dict[str, torch.Tensor] = {}
+    for f in files:
+        out.update(load_file(f))
+    return out
+
+
+def amuse_eval(target: Path, out: Path, tmp_path: Path, *extra: str) -> list[dict]:
+    """Run ``python -m amuse_dist.eval`` on 2 fixed batches of 4; its JSON rows."""
+    cmd = [sys.executable, "-m", "amuse_dist.eval", str(target), *extra]
+    cmd += ["--steps", "2", "--batch-size", "4", "--out", str(out), "--no-progress"]
+    proc = subprocess.run(
+        cmd, cwd=REPO, env=env(tmp_path), capture_output=True, text=True, timeout=300
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return json.loads(out.with_suffix(".json").read_text())
+
+
+def fresh_llama_losses(x_dir: Path, assets: Path, batches: int) -> tuple[float, float]:
+    """Load the exported folder into a fresh torchtitan Llama and into transformers'
+    LlamaForCausalLM; their validation losses on the fixed batches amuse-eval uses."""
+    from safetensors.torch import load_file
+    from torchtitan.components.tokenizer import HuggingFaceTokenizer
+    from torchtitan.hf_datasets.text_datasets import build_text_validation_dataloader
+    from torchtitan.models.llama3 import Transformer
+    from torchtitan.models.llama3.model.state_dict_adapter import Llama3StateDictAdapter
+    from transformers import LlamaForCausalLM
+
+    from amuse_dist.titan import data
+    from amuse_dist.titan.config import parse_job_config
+    from amuse_dist.titan.train_spec import FLAVORS
+
+    data.register_datasets()
+    corpus, tokenizer_dir = data.prepare_assets(assets, 2048)
+    cfg = parse_job_config(
+        [
+            "--job.config_file",
+            str(DEBUG_TOML),
+            "--validation.dataset_path",
+            str(corpus),
+            "--validation.local_batch_size",
+            "4",
+            "--validation.steps",
+            str(batches),
+        ]
+    )
+    args = FLAVORS["tiny"]
+    args.update_from_config(cfg)
+    with torch.device("cpu"):
+        model = Transformer(args)
+    with torch.no_grad():
+        model.init_weights()  # the RoPE buffer; the weights come from the export
+    hf = {}
+    for f in sorted(x_dir.glob("*.safetensors")):
+        hf.update(load_file(f))
+    model.load_state_dict(Llama3StateDictAdapter(args, None).from_hf(hf), strict=True)
+    model.eval()
+    hf_model = LlamaForCausalLM.from_pretrained(x_dir, torch_dtype=torch.float32).eval()
+    loader = build_text_validation_dataloader(
+        job_config=cfg,
+        dp_world_size=1,
+        dp_rank=0,
+        tokenizer=HuggingFaceTokenizer(str(tokenizer_dir)),
+        infinite=True,
+    )
+
+    def mean_token_loss(logits: torch.Tensor, labels: torch.Tensor) -> float:
+        ce = torch.nn.functional.cross_entropy(
+            logits.flatten(0, 1).float(), labels.flatten(0, 1), reduction="sum"
+        )
+        return float(ce) / labels.numel()
+
+    titan, hf_losses = [], []
+    with torch.no_grad():
+        for i, (inputs, labels) in enumerate(loader):
+            if i == batches:
+                break
+            titan.append(mean_token_loss(model(inputs["input"]), labels))
+            hf_losses.append(mean_token_loss(hf_model(inputs["input"]).logits, labels))
+    return sum(titan) / len(titan), sum(hf_losses) / len(hf_losses)

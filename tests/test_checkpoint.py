@@ -13,7 +13,6 @@ import os
 import shutil
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -21,28 +20,19 @@ import pytest
 import torch
 
 from tests._titan import (
-    DEBUG_TOML,
     REPO,
     STEP_RE,
+    amuse_eval,
     env,
+    fresh_llama_losses,
     losses,
+    read_x,
     run_args,
     tb_by_step,
     torchrun,
     torchrun_cmd,
 )
 from tests._titan import STRAIGHT_STEPS as STEPS
-
-
-def read_x(step_dir: Path) -> dict[str, torch.Tensor]:
-    from safetensors.torch import load_file
-
-    files = sorted((step_dir / "x").glob("*.safetensors"))
-    assert files, f"no X export in {step_dir}"
-    out: dict[str, torch.Tensor] = {}
-    for f in files:
-        out.update(load_file(f))
-    return out
 
 
 def test_checkpoint_layout(straight: Path) -> None:
@@ -99,81 +89,6 @@ def test_x_and_y_validation_differ_and_x_eval_changes_nothing(
     assert all(a[s] == b[s] for s in a), (a, b)  # bitwise: evaluating X swapped nothing in
 
 
-def _fresh_llama_losses(x_dir: Path, assets: Path, batches: int) -> tuple[float, float]:
-    """Load the exported folder into a fresh torchtitan Llama and into transformers'
-    LlamaForCausalLM; their validation losses on the fixed batches amuse-eval uses."""
-    from safetensors.torch import load_file
-    from torchtitan.components.tokenizer import HuggingFaceTokenizer
-    from torchtitan.hf_datasets.text_datasets import build_text_validation_dataloader
-    from torchtitan.models.llama3 import Transformer
-    from torchtitan.models.llama3.model.state_dict_adapter import Llama3StateDictAdapter
-    from transformers import LlamaForCausalLM
-
-    from amuse_dist.titan import data
-    from amuse_dist.titan.config import parse_job_config
-    from amuse_dist.titan.train_spec import FLAVORS
-
-    data.register_datasets()
-    corpus, tokenizer_dir = data.prepare_assets(assets, 2048)
-    cfg = parse_job_config(
-        [
-            "--job.config_file",
-            str(DEBUG_TOML),
-            "--validation.dataset_path",
-            str(corpus),
-            "--validation.local_batch_size",
-            "4",
-            "--validation.steps",
-            str(batches),
-        ]
-    )
-    args = FLAVORS["tiny"]
-    args.update_from_config(cfg)
-    with torch.device("cpu"):
-        model = Transformer(args)
-    with torch.no_grad():
-        model.init_weights()  # the RoPE buffer; the weights come from the export
-    hf = {}
-    for f in sorted(x_dir.glob("*.safetensors")):
-        hf.update(load_file(f))
-    model.load_state_dict(Llama3StateDictAdapter(args, None).from_hf(hf), strict=True)
-    model.eval()
-    hf_model = LlamaForCausalLM.from_pretrained(x_dir, torch_dtype=torch.float32).eval()
-    loader = build_text_validation_dataloader(
-        job_config=cfg,
-        dp_world_size=1,
-        dp_rank=0,
-        tokenizer=HuggingFaceTokenizer(str(tokenizer_dir)),
-        infinite=True,
-    )
-
-    def mean_token_loss(logits: torch.Tensor, labels: torch.Tensor) -> float:
-        ce = torch.nn.functional.cross_entropy(
-            logits.flatten(0, 1).float(), labels.flatten(0, 1), reduction="sum"
-        )
-        return float(ce) / labels.numel()
-
-    titan, hf_losses = [], []
-    with torch.no_grad():
-        for i, (inputs, labels) in enumerate(loader):
-            if i == batches:
-                break
-            titan.append(mean_token_loss(model(inputs["input"]), labels))
-            hf_losses.append(mean_token_loss(hf_model(inputs["input"]).logits, labels))
-    return sum(titan) / len(titan), sum(hf_losses) / len(hf_losses)
-
-
-def amuse_eval(target: Path, out: Path, tmp_path: Path, *extra: str) -> list[dict]:
-    """Run ``python -m amuse_dist.eval`` on 2 fixed batches of 4; its JSON rows."""
-    cmd = [sys.executable, "-m", "amuse_dist.eval", str(target), *extra]
-    cmd += ["--steps", "2", "--batch-size", "4", "--out", str(out), "--no-progress"]
-    proc = subprocess.run(
-        cmd, cwd=REPO, env=env(tmp_path), capture_output=True, text=True, timeout=300
-    )
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    return json.loads(out.with_suffix(".json").read_text())
-
-
 def test_export_loads_in_fresh_llama_and_matches_amuse_eval(
     straight: Path, tmp_path: Path, assets: Path
 ) -> None:
@@ -182,7 +97,7 @@ def test_export_loads_in_fresh_llama_and_matches_amuse_eval(
     rows = amuse_eval(step_dir, out, tmp_path, "--source", "dcp")
     assert [(r["step"], r["source"], r["weights"]) for r in rows] == [(20, "dcp", "x")]
     assert out.with_suffix(".csv").read_text().startswith("step,source,weights,loss")
-    titan, hf = _fresh_llama_losses(step_dir / "x", assets, batches=2)
+    titan, hf = fresh_llama_losses(step_dir / "x", assets, batches=2)
     assert titan == pytest.approx(rows[0]["loss"], rel=1e-4), (titan, rows[0])
     assert hf == pytest.approx(rows[0]["loss"], rel=1e-4), (hf, rows[0])
     # the whole run folder, in step order, from the exports

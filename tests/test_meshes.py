@@ -17,8 +17,15 @@ import pytest
 
 from amuse_dist.titan.config import check_parallelism, parse_job_config
 from amuse_dist.titan.export import row_pieces
-from tests._titan import DEBUG_TOML, debug_args, tb_by_step, torchrun
-from tests.test_checkpoint import _fresh_llama_losses, amuse_eval, read_x
+from tests._titan import (
+    DEBUG_TOML,
+    amuse_eval,
+    debug_args,
+    fresh_llama_losses,
+    read_x,
+    tb_by_step,
+    torchrun,
+)
 
 STEPS = 8
 GLOBAL_BATCH = 8
@@ -136,7 +143,7 @@ def test_x_export_loads_in_transformers(
     step_dir = request.getfixturevalue(layout) / "checkpoint" / f"step-{STEPS}"
     rows = amuse_eval(step_dir, tmp_path / "eval", tmp_path, "--source", "dcp")
     assert [(r["step"], r["weights"]) for r in rows] == [(STEPS, "x")]
-    titan, hf = _fresh_llama_losses(step_dir / "x", assets, batches=2)
+    titan, hf = fresh_llama_losses(step_dir / "x", assets, batches=2)
     assert titan == pytest.approx(rows[0]["loss"], rel=1e-4), (titan, rows[0])
     assert hf == pytest.approx(rows[0]["loss"], rel=1e-4), (hf, rows[0])
 

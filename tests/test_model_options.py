@@ -16,8 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests._titan import DEBUG_TOML, run_args, tb_by_step, torchrun
-from tests.test_checkpoint import amuse_eval, read_x
+from tests._titan import DEBUG_TOML, amuse_eval, read_x, run_args, tb_by_step, torchrun
 
 STEPS = 10
 PAPER = dict(

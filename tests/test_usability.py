@@ -24,8 +24,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from tests._titan import DEBUG_TOML, REPO, run_args, torchrun
-from tests.test_checkpoint import amuse_eval
+from tests._titan import DEBUG_TOML, REPO, amuse_eval, run_args, torchrun
 
 SAMPLE = 'def main(argv):\n    """Parse the options."""\n    return 0\n'
 ANSI = re.compile(r"\x1b\[")
