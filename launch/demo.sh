@@ -23,7 +23,10 @@ echo "== training took $(( $(date +%s) - start )) s; checkpoints:"
 ls "$RUN_DIR/checkpoint"
 
 echo "== evaluating X of every checkpoint (amuse-eval)"
-python -m amuse_dist.eval "$RUN_DIR" --steps 5 --no-progress 2>&1 | grep -v "^\[titan\]" \
+# on the training's 2 ranks: local_corpus validation batches follow the data-parallel degree
+# (token_shards validation does not), so these are the batches the run validated on
+python -m torch.distributed.run --standalone --nproc_per_node 2 --local-ranks-filter 0 \
+  -m amuse_dist.eval "$RUN_DIR" --steps 5 --no-progress 2>&1 | grep -v "^\[titan\]" \
   | grep -E "^ +(step|[0-9]+) |^wrote" || true
 
 # train.log: rank 0's log, written by the trainer (console.log also has torchrun's own output)
