@@ -201,3 +201,14 @@ def test_fused_qkv_orthogonalized_per_block() -> None:
         bad = torch.nn.Module()
         bad.wqkv = torch.nn.Linear(6, 10, bias=False)
         param_groups(bad)
+
+
+def test_lr_that_swamps_the_weight_sum_is_a_clear_error() -> None:
+    """A resume with an enormous lr made c_t round to 1: a ZeroDivisionError before."""
+    from amuse_dist.optim.schedule import step_scalars
+
+    kw = dict(warmup_steps=2, beta1=0.6, rho=0.8, weight_lr_power=2.0, r=0.0)
+    first = step_scalars(1, lr=0.01, weight_sum=0.0, c_warmup=0.0, **kw)
+    second = step_scalars(2, lr=0.01, weight_sum=first.weight_sum, c_warmup=0.0, **kw)
+    with pytest.raises(ValueError, match=r"step 3: the averaging weight c_t .* lower the lr"):
+        step_scalars(3, lr=1e12, weight_sum=second.weight_sum, c_warmup=second.c_warmup, **kw)

@@ -40,6 +40,12 @@ def step_scalars(
     if t <= warmup_steps:
         beta = beta1
     else:
+        if c_t >= 1.0:
+            raise ValueError(
+                f"step {t}: the averaging weight c_t = w_t / A rounds to 1 (w_t = "
+                f"{w_t:.3g}, A = {a:.3g}): lr {lr:g} is far too large for the weights so far; "
+                "lower the lr"
+            )
         s = (c_t / (1.0 - c_t)) * ((1.0 - c_warmup) / c_warmup)
         beta = 1.0 - (1.0 - beta1) * s**rho
     return StepScalars(t, lr_t, a, c_t, c_warmup, beta)
