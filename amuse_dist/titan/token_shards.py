@@ -131,19 +131,7 @@ def check_job_config(job_config: Any) -> list[str]:
             errors.append(str(e))
     if v.enable and v.dataset in DATASETS:
         try:
-            if v.seq_len > t.seq_len:
-                raise DataError(
-                    f"[validation] seq_len = {v.seq_len} is longer than [training] seq_len = "
-                    f"{t.seq_len}: the model was not trained on such positions"
-                )
-            reader = _open(job_config, "validation", "validation", v.seq_len, None)
-            need = v.steps * v.local_batch_size
-            if reader.num_sequences < need:
-                raise DataError(
-                    f"the validation split of {reader.folder} holds {reader.num_sequences} "
-                    f"sequences of seq_len {v.seq_len}, fewer than [validation] steps x "
-                    f"local_batch_size = {v.steps} x {v.local_batch_size} = {need}"
-                )
+            validation_reader(job_config)
         except DataError as e:
             if str(e) not in errors:
                 errors.append(str(e))
@@ -371,19 +359,27 @@ def build_token_shard_validation_dataloader(
     dp_world_size: int, dp_rank: int, job_config: Any
 ) -> TokenShardValidationLoader:
     v = job_config.validation
-    if v.seq_len > job_config.training.seq_len:
+    reader = validation_reader(job_config)
+    return TokenShardValidationLoader(reader, dp_rank, dp_world_size, v.local_batch_size, v.steps)
+
+
+def validation_reader(job_config: Any) -> Any:
+    """The validation split's reader, checked against the config (before launch and at build)."""
+    v, t = job_config.validation, job_config.training
+    if v.seq_len > t.seq_len:
         raise DataError(
             f"[validation] seq_len = {v.seq_len} is longer than [training] seq_len = "
-            f"{job_config.training.seq_len}"
+            f"{t.seq_len}: the model was not trained on such positions"
         )
     reader = _open(job_config, "validation", "validation", v.seq_len, None)
     need = v.steps * v.local_batch_size
     if reader.num_sequences < need:
         raise DataError(
-            f"the validation split of {reader.folder} holds {reader.num_sequences} sequences of "
-            f"seq_len {v.seq_len}, fewer than [validation] steps x local_batch_size = {need}"
+            f"the validation split of {reader.folder} holds {reader.num_sequences} "
+            f"sequences of seq_len {v.seq_len}, fewer than [validation] steps x "
+            f"local_batch_size = {v.steps} x {v.local_batch_size} = {need}"
         )
-    return TokenShardValidationLoader(reader, dp_rank, dp_world_size, v.local_batch_size, v.steps)
+    return reader
 
 
 def build_dataloader(
