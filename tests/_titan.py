@@ -151,6 +151,25 @@ def run_args(
 
 
 # ------------------------------------------------------------------ reading what a run wrote
+def validation_config(corpus: Path, batches: int) -> Any:
+    """debug_cpu.toml validating on ``batches`` batches of 4 from ``corpus``: the fixed batches
+    amuse-eval measures in these tests (``amuse_eval`` below)."""
+    from amuse_dist.titan.config import parse_job_config
+
+    return parse_job_config(
+        [
+            "--job.config_file",
+            str(DEBUG_TOML),
+            "--validation.dataset_path",
+            str(corpus),
+            "--validation.local_batch_size",
+            "4",
+            "--validation.steps",
+            str(batches),
+        ]
+    )
+
+
 def read_x(step_dir: Path) -> dict[str, torch.Tensor]:
     from safetensors.torch import load_file
 
@@ -184,23 +203,11 @@ def fresh_llama_losses(x_dir: Path, assets: Path, batches: int) -> tuple[float, 
     from transformers import LlamaForCausalLM
 
     from amuse_dist.titan import data
-    from amuse_dist.titan.config import parse_job_config
     from amuse_dist.titan.train_spec import FLAVORS
 
     data.register_datasets()
     corpus, tokenizer_dir = data.prepare_assets(assets, 2048)
-    cfg = parse_job_config(
-        [
-            "--job.config_file",
-            str(DEBUG_TOML),
-            "--validation.dataset_path",
-            str(corpus),
-            "--validation.local_batch_size",
-            "4",
-            "--validation.steps",
-            str(batches),
-        ]
-    )
+    cfg = validation_config(corpus, batches)
     args = FLAVORS["tiny"]
     args.update_from_config(cfg)
     with torch.device("cpu"):

@@ -24,7 +24,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from tests._titan import DEBUG_TOML, REPO, amuse_eval, run_args, torchrun
+from tests._titan import REPO, amuse_eval, run_args, torchrun, validation_config
 
 SAMPLE = 'def main(argv):\n    """Parse the options."""\n    return 0\n'
 ANSI = re.compile(r"\x1b\[")
@@ -43,7 +43,6 @@ def test_x_export_loads_in_transformers_from_the_folder_alone(
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from amuse_dist.titan import data
-    from amuse_dist.titan.config import parse_job_config
 
     x = _x(straight)
     for name in ("config.json", "generation_config.json", "README.md", "tokenizer.json"):
@@ -77,18 +76,7 @@ def test_x_export_loads_in_transformers_from_the_folder_alone(
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             model = AutoModelForCausalLM.from_pretrained(x).eval()
-            cfg = parse_job_config(
-                [
-                    "--job.config_file",
-                    str(DEBUG_TOML),
-                    "--validation.dataset_path",
-                    str(corpus),
-                    "--validation.local_batch_size",
-                    "4",
-                    "--validation.steps",
-                    "2",
-                ]
-            )
+            cfg = validation_config(corpus, 2)
             loader = build_text_validation_dataloader(
                 job_config=cfg, dp_world_size=1, dp_rank=0, tokenizer=training, infinite=True
             )
