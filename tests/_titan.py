@@ -44,6 +44,20 @@ def torchrun_cmd(nproc: int, *target: str) -> list[str]:
     ]
 
 
+def finish_worker(result: Any, out: str | Path) -> None:
+    """The worker side of ``run_worker``: gather every rank's result, rank 0 saves the list to
+    ``out``, all ranks leave together."""
+    import torch.distributed as dist
+
+    from amuse_dist.titan.launch import leave_process_group
+
+    gathered: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, result)
+    if dist.get_rank() == 0:
+        torch.save(gathered, out)
+    leave_process_group()
+
+
 def run_worker(script: Path, nproc: int, args: list[str], out: Path, timeout: int = 300) -> Any:
     """Run a worker script on ``nproc`` gloo ranks; return what it saved to ``out`` (torch.save)."""
     e = env(out.parent)

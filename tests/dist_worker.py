@@ -15,7 +15,7 @@ from torch.distributed.fsdp import fully_shard
 from torch.distributed.tensor import DTensor, Partial
 
 from amuse_dist import AMUSE, Muon, param_groups
-from amuse_dist.titan.launch import leave_process_group
+from tests._titan import finish_worker
 from tests.toy import HP, batch, loss_fn, make_model
 
 
@@ -109,11 +109,7 @@ def main() -> None:
         result = refuse()
     else:
         result = train(args.mode, args.optimizer, args.steps, args.exact_x)
-    gathered = [None] * dist.get_world_size()
-    dist.all_gather_object(gathered, result)
-    if dist.get_rank() == 0:
-        torch.save(gathered, args.out)
-    leave_process_group()
+    finish_worker(result, args.out)
 
 
 if __name__ == "__main__":

@@ -22,7 +22,7 @@ from torch.distributed.tensor.parallel import (
 )
 
 from amuse_dist import AMUSE, Muon, param_groups
-from amuse_dist.titan.launch import leave_process_group
+from tests._titan import finish_worker
 from tests.toy import HP, batch, loss_fn, make_model
 
 TP_PLAN = {
@@ -128,11 +128,7 @@ def main() -> None:
             runs[f"pipeline={pipeline}"] = train(
                 "fsdp", "amuse", args.steps, wave_bytes=32, pipeline=pipeline
             )
-    gathered = [None] * dist.get_world_size()
-    dist.all_gather_object(gathered, runs)
-    if dist.get_rank() == 0:
-        torch.save(gathered, args.out)
-    leave_process_group()
+    finish_worker(runs, args.out)
 
 
 if __name__ == "__main__":
