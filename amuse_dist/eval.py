@@ -99,7 +99,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 # ------------------------------------------------------------------------------------ targets
 def find_targets(path: Path, source: str) -> list[tuple[int, str, Path]]:
     """(step, "dcp" | "export", folder) to evaluate, in step order."""
-    from amuse_dist.titan.run_format import (
+    from amuse_dist.anytime.run_format import (
         STEP_DIR,
         complete_steps,
         exported_steps,
@@ -132,7 +132,7 @@ def find_targets(path: Path, source: str) -> list[tuple[int, str, Path]]:
 
 def check_trusted(targets: list[tuple[int, str, Path]], trust: bool) -> None:
     """Refuse DCP folders amuse_dist did not write: their pickled .metadata can run code."""
-    from amuse_dist.titan.run_format import META_FILE, RunError
+    from amuse_dist.anytime.run_format import META_FILE, RunError
 
     for _, kind, path in targets:
         if kind == "dcp" and not (path / META_FILE).is_file() and not trust:
@@ -145,7 +145,7 @@ def check_trusted(targets: list[tuple[int, str, Path]], trust: bool) -> None:
 
 def check_weights(targets: list[tuple[int, str, Path]], weights: str) -> None:
     """Refuse ``--weights y`` for an export that holds X (it would silently evaluate X)."""
-    from amuse_dist.titan.run_format import ExportInfo, RunError
+    from amuse_dist.anytime.run_format import ExportInfo, RunError
 
     for _, kind, path in targets:
         if kind == "export" and weights == "y":
@@ -159,7 +159,7 @@ def check_weights(targets: list[tuple[int, str, Path]], weights: str) -> None:
 
 def check_files(targets: list[tuple[int, str, Path]]) -> None:
     """Truncated DCP shards and safetensors files, named before any model is built."""
-    from amuse_dist.titan.run_format import check_export_files, check_shard_sizes
+    from amuse_dist.anytime.run_format import check_export_files, check_shard_sizes
 
     for _, kind, path in targets:
         if kind == "dcp":
@@ -169,7 +169,7 @@ def check_files(targets: list[tuple[int, str, Path]]) -> None:
 
 
 def _pick(step_dir: Path, source: str) -> tuple[str, Path]:
-    from amuse_dist.titan.run_format import export_dir, is_complete_export, read_meta
+    from amuse_dist.anytime.run_format import export_dir, is_complete_export, read_meta
 
     if source in ("auto", "dcp"):
         return "dcp", step_dir
@@ -180,15 +180,15 @@ def _pick(step_dir: Path, source: str) -> tuple[str, Path]:
 
 
 def _export_step(path: Path) -> int:
-    from amuse_dist.titan.run_format import ExportInfo
+    from amuse_dist.anytime.run_format import ExportInfo
 
     return int(ExportInfo.read(path).step)
 
 
 def job_config_for(target: Path, kind: str, args: argparse.Namespace) -> Any:
     """The run's JobConfig (from the checkpoint's metadata or ``--config``), set up for eval."""
+    from amuse_dist.anytime.run_format import META_FILE, RunError, read_meta
     from amuse_dist.titan.config import import_plugins, parse_job_config
-    from amuse_dist.titan.run_format import META_FILE, RunError, read_meta
 
     step_dir = target if kind == "dcp" else target.parent
     meta = read_meta(step_dir)
@@ -302,7 +302,7 @@ def lm_eval_export(
 
 def export_folders(targets: list[tuple[int, str, Path]]) -> list[tuple[int, Path]]:
     """The export folder of each target (a checkpoint's X export)."""
-    from amuse_dist.titan.run_format import is_complete_export, read_meta
+    from amuse_dist.anytime.run_format import is_complete_export, read_meta
 
     out = []
     for step, kind, path in targets:
@@ -345,7 +345,7 @@ def run_lm_eval(targets: list[tuple[int, str, Path]], args: argparse.Namespace) 
 def prepare(targets: list[tuple[int, str, Path]], args: argparse.Namespace) -> Any:
     """The evaluation's JobConfig, with every check that needs no model or process group:
     the validation seq_len within the model's, each export made for this model."""
-    from amuse_dist.titan.run_format import ExportError
+    from amuse_dist.anytime.run_format import ExportError
 
     first_step, first_kind, first_path = targets[0]
     config = job_config_for(first_path, first_kind, args)
@@ -364,8 +364,8 @@ def evaluate_targets(
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
     from tqdm import tqdm
 
+    from amuse_dist.anytime.run_format import ExportError, ExportInfo
     from amuse_dist.titan.export import load_hf_export
-    from amuse_dist.titan.run_format import ExportError, ExportInfo
     from amuse_dist.titan.trainer import AmuseTrainer
     from amuse_dist.titan.validator import averaged_weights, weights_swapped
 
@@ -492,7 +492,7 @@ def format_table(rows: list[dict[str, Any]]) -> str:
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     path = Path(args.path)
-    from amuse_dist.titan.run_format import RunError
+    from amuse_dist.anytime.run_format import RunError
 
     launch.setup_device()  # before anything imports torchtitan
     try:
@@ -556,7 +556,7 @@ def main_lm_eval(
 
 def _default_out(path: Path) -> Path:
     """Next to what was evaluated; never inside an export folder (it stays as written)."""
-    from amuse_dist.titan.run_format import is_complete_export
+    from amuse_dist.anytime.run_format import is_complete_export
 
     if is_complete_export(path):
         return path.parent / f"amuse_eval_{path.name}"

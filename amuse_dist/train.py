@@ -50,8 +50,8 @@ def main(argv: list[str] | None = None) -> None:
     _warn_missing_tokenizer(config, logger)
     launch.offline_hub_defaults(launch.job_datasets(config))
     launch.single_process_env()
+    from amuse_dist.anytime.run_format import RunError
     from amuse_dist.data import DataError
-    from amuse_dist.titan.run_format import RunError
     from amuse_dist.titan.trainer import AmuseTrainer, dump_full_state
 
     logger.info(f"amuse_dist: device {device}, optimizer {config.optimizer.name}")

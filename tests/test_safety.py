@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from amuse_dist.titan.run_format import (
+from amuse_dist.anytime.run_format import (
     EXPORT_MARKER,
     LOCK_INFO,
     META_FILE,

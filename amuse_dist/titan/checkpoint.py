@@ -27,9 +27,8 @@ from torch.distributed.checkpoint.api import CheckpointException
 from torchtitan.components.checkpoint import AsyncMode, CheckpointManager
 from torchtitan.tools.logging import logger
 
-from amuse_dist.optim import registry
-from amuse_dist.titan import resume_contract
-from amuse_dist.titan.run_format import (
+from amuse_dist.anytime import resume_contract
+from amuse_dist.anytime.run_format import (
     META_FILE,
     STEP_DIR,
     CheckpointError,
@@ -45,6 +44,7 @@ from amuse_dist.titan.run_format import (
     strip_to_exports,
     write_meta,
 )
+from amuse_dist.optim import registry
 
 __all__ = [
     "META_FILE",

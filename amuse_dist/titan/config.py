@@ -353,7 +353,7 @@ def check_values(cfg: Any, explicit: set[tuple[str, str]] = frozenset()) -> list
     if v.enable and v.freq < 1:
         errors.append(f"[validation] freq = {v.freq}: expected an int >= 1")
     if cfg.anytime.export_x:
-        from amuse_dist.titan.run_format import RunError, check_export_folder
+        from amuse_dist.anytime.run_format import RunError, check_export_folder
 
         try:
             check_export_folder(cfg.anytime.export_folder)

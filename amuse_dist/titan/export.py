@@ -25,7 +25,7 @@ import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint import HuggingFaceStorageWriter
 
-from amuse_dist.titan.run_format import (
+from amuse_dist.anytime.run_format import (
     EXPORT_MARKER,
     TOKENIZER_FILES,
     ExportError,

@@ -17,12 +17,7 @@ from torchtitan.distributed import ParallelDims
 from torchtitan.tools.logging import logger
 from torchtitan.train import Trainer
 
-from amuse_dist.optim.protocols import averaging
-from amuse_dist.titan import train_spec
-from amuse_dist.titan.checkpoint import AnytimeCheckpointManager
-from amuse_dist.titan.config import LOCAL_DATASETS
-from amuse_dist.titan.export import export_hf
-from amuse_dist.titan.run_format import (
+from amuse_dist.anytime.run_format import (
     DivergenceError,
     ExportInfo,
     RunLock,
@@ -33,6 +28,11 @@ from amuse_dist.titan.run_format import (
     export_dir,
     run_tokenizer_dir,
 )
+from amuse_dist.optim.protocols import averaging
+from amuse_dist.titan import train_spec
+from amuse_dist.titan.checkpoint import AnytimeCheckpointManager
+from amuse_dist.titan.config import LOCAL_DATASETS
+from amuse_dist.titan.export import export_hf
 from amuse_dist.titan.validator import averaged_weights, weights_swapped
 
 
