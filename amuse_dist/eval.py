@@ -455,8 +455,10 @@ def _check_export_shapes(
     path: Path, state: dict[str, Any], model: Any, config: Any, error: type[Exception]
 ) -> None:
     """Refuse an export whose tensors do not match the model built from the config."""
+    from amuse_dist.optim.names import named_parameters
+
     where = _config_source(config)
-    for name, p in model.named_parameters():
+    for name, p in named_parameters(model):
         if name not in state:
             raise error(f"{path}: no tensor for {name!r}; the model comes from {where}")
         got, want = tuple(state[name].shape), tuple(p.shape)

@@ -12,6 +12,8 @@ from typing import Any
 
 from torch import nn
 
+from amuse_dist.optim.names import named_parameters
+
 HEAD_PATTERN = re.compile(r"(^|\.)(output|lm_head|head|classifier|score)\.weight$")
 FUSED_QKV_PATTERN = re.compile(r"(^|\.)(wqkv|qkv|qkv_proj|c_attn|in_proj)(\.weight|_weight)$")
 
@@ -36,7 +38,7 @@ def param_groups(
     }
     muon, fused, adamw = [], [], []
     split: tuple[int, ...] | None = tuple(qkv_split) if qkv_split is not None else None
-    for name, p in model.named_parameters():
+    for name, p in named_parameters(model):
         if not p.requires_grad:
             continue
         if p.ndim != 2 or id(p) in embedding_ids or HEAD_PATTERN.search(name):

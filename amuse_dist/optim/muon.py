@@ -87,10 +87,13 @@ class Muon(Optimizer):
             adamw_eps=adamw_eps,
             use_muon=False,
             ns_split=(),
-            muon_t=0,
         )
         groups, names = split_named(params)
         super().__init__(groups, defaults)
+        for group in self.param_groups:
+            # the step count is state, saved with the group, never a default: a resume puts
+            # the run's hyper-parameters (the defaults' keys) back over the loaded groups
+            group.setdefault("muon_t", 0)
         self._muon = MuonBranch(
             names, ns_steps, ns_dtype, default_replicated_group(process_group), hsdp_mode=hsdp_mode
         )

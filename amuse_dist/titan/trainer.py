@@ -28,6 +28,7 @@ from amuse_dist.anytime.run_format import (
     export_dir,
     run_tokenizer_dir,
 )
+from amuse_dist.optim.names import named_parameters
 from amuse_dist.optim.protocols import averaging
 from amuse_dist.titan import train_spec
 from amuse_dist.titan.checkpoint import AnytimeCheckpointManager
@@ -108,7 +109,7 @@ class AmuseTrainer(Trainer):
         xs = averaged_weights(self.optimizers)
         out = {}
         for model in self.model_parts:
-            for name, p in model.named_parameters():
+            for name, p in named_parameters(model):
                 out[name] = xs.get(p, p.detach())
         return out, bool(xs)
 
@@ -142,7 +143,7 @@ class AmuseTrainer(Trainer):
         return result
 
     def y_state_dict(self) -> dict[str, torch.Tensor]:
-        return {n: p.detach() for m in self.model_parts for n, p in m.named_parameters()}
+        return {n: p.detach() for m in self.model_parts for n, p in named_parameters(m)}
 
     def export_info(self, step: int, weights: str, folder: str) -> ExportInfo:
         """What the export's amuse_export.json and model card say about it."""
@@ -287,6 +288,10 @@ class AmuseTrainer(Trainer):
             if self._run_lock is not None:
                 self._run_lock.release()
                 self._run_lock = None
+            if self._log_handler is not None:  # a later run in this process logs elsewhere
+                logging.getLogger().removeHandler(self._log_handler)
+                self._log_handler.close()
+                self._log_handler = None
 
     # ------------------------------------------------------------------ preemption
     def _on_sigterm(self, signum: int, frame: Any) -> None:

@@ -152,6 +152,10 @@ class AnytimeValidator(Validator):
                 losses.append(self.loss_fn(predictions, labels).detach() / tokens)
         for model in model_parts:
             model.train()
+        # FSDP2 keeps the last groups unsharded after a forward without backward: their modules
+        # then hold other Parameter objects than the optimizer's (X lookups, optimizer state
+        # dicts and exports keyed by parameter would miss them)
+        reshard(model_parts)
         loss = torch.sum(torch.stack(losses)) / len(losses)
         if self.parallel_dims.dp_cp_enabled:
             loss = dist_utils.dist_sum(loss, self.parallel_dims.get_optional_mesh("loss"))
