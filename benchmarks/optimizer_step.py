@@ -517,13 +517,29 @@ def worker(args: argparse.Namespace) -> None:
         ns_obj = getattr(getattr(opt, "_muon", None), "ns", None)
         return list(ns_obj.owner) if ns_obj is not None else None
 
+    def planned_bytes(opt: torch.optim.Optimizer) -> list[int] | None:
+        """Bytes sent + received per rank per step by the exchange plan the optimizer built
+        (``plan.traffic``: the benchmarks' and tests' model), to compare with what was counted."""
+        from amuse_dist.distributed.plan import traffic
+
+        ns_obj = getattr(getattr(opt, "_muon", None), "ns", None)
+        if ns_obj is None:
+            return None
+        elem = torch.empty(0, dtype=ns_obj.orth.dtype).element_size()
+        total = [0] * ws
+        for plan in ns_obj.plans:
+            t = traffic(plan, [ns_obj.tasks[i] for i in plan.tasks], ns_obj.orth.flops, elem)
+            for r in range(plan.world_size):
+                total[r] += t.sent[r] + t.recv[r]
+        return total
+
     results: dict[str, Any] = {}
     rounds = range(args.warmup + args.repeats)
     if args.sequential:  # one optimizer's state alive at a time (large shapes on one GPU)
         for name in args.optimizers:
             opt = make_optimizer(name, model, probe)
             steps = [timed_step(opt) for _ in rounds][args.warmup :]
-            results[name] = dict(steps=steps, owners=owners_of(opt))
+            results[name] = dict(steps=steps, owners=owners_of(opt), planned=planned_bytes(opt))
             del opt
             if cuda:
                 torch.cuda.empty_cache()
@@ -534,7 +550,9 @@ def worker(args: argparse.Namespace) -> None:
             for name, opt in opts.items():
                 log[name].append(timed_step(opt))
         for name, opt in opts.items():
-            results[name] = dict(steps=log[name][args.warmup :], owners=owners_of(opt))
+            results[name] = dict(
+                steps=log[name][args.warmup :], owners=owners_of(opt), planned=planned_bytes(opt)
+            )
 
     from amuse_dist import param_groups
 
@@ -582,18 +600,16 @@ def summarize(
 
 
 def check_exchange_model(raw: dict[str, Any]) -> bool | None:
-    """Do the counted owner-wise bytes equal ns_balance's exchange model for these owners?"""
-    from ns_balance import exchange_bytes  # benchmarks/ is on sys.path when this script runs
-
+    """Do the counted owner-wise all_to_all bytes equal the exchange plan's own traffic model
+    (``amuse_dist.distributed.plan.traffic`` on the plan the optimizer built), rank by rank?"""
     ws = raw["world_size"]
     amuse = raw["ranks"][0].get("amuse")
-    if ws == 1 or amuse is None or amuse["owners"] is None:
+    if ws == 1 or amuse is None or amuse.get("planned") is None:
         return None
-    model = exchange_bytes([tuple(s) for s in raw["muon_shapes"]], amuse["owners"], ws, 2)
     counted = [
         r["amuse"]["steps"][0]["sent"] + r["amuse"]["steps"][0]["recv"] for r in raw["ranks"]
     ]
-    return counted == model
+    return counted == amuse["planned"]
 
 
 def launch(ws: int, args: argparse.Namespace, out: Path) -> dict[str, Any]:
@@ -687,7 +703,7 @@ def dist_section(args: argparse.Namespace) -> dict[str, Any]:
         if ok is not None:
             print(
                 f"world size {ws}: counted owner-wise all_to_all bytes "
-                f"{'match' if ok else 'DO NOT match'} the ns_balance exchange model"
+                f"{'match' if ok else 'DO NOT match'} the exchange plan's traffic model"
             )
 
     checks = []
@@ -738,7 +754,7 @@ def print_times(rows: list[dict[str, Any]]) -> None:
         )
 
 
-def main() -> None:
+def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     sections = ["ops", "time", "dist", *EXTRA_SECTIONS]
     parser.add_argument("--sections", nargs="+", choices=sections, default=sections)
@@ -760,7 +776,7 @@ def main() -> None:
     parser.add_argument("--json", metavar="PATH", help="also write summary + raw data as JSON")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--out", help=argparse.SUPPRESS)
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     if args.worker:
         worker(args)
         return
@@ -803,6 +819,7 @@ def main() -> None:
     if "dist" in args.sections:
         report["dist"] = dist_section(args)
         failed |= any(not c["passed"] for c in report["dist"]["checks"])
+        failed |= any(ok is False for ok in report["dist"]["exchange_model_match"].values())
     if args.json:
         with open(args.json, "w") as f:
             json.dump(report, f, indent=1)
