@@ -23,7 +23,7 @@ Sections (``--sections``, all by default), one process unless noted:
             wrapped). Acceptance (CPU): AMUSE's NS time, max over ranks, <= 0.6x the replicated
             variant's at world size 2 and <= 0.35x at world size 4.
 
-* ``plan``  exchange-plan overhead per step at 8/64/256/1024 fake ranks (8B shapes, a fake process
+* ``plan``  exchange-plan overhead per step at 8/64/256/1024 fake ranks (``--fake-ranks``) (8B shapes, a fake process
             group, identity NS), from benchmarks/exchange_plan.py.
 * ``memory`` the owner's peak extra memory for 8B at 8 ranks (meta tensors, real NS), default
             wave size vs unpipelined vs one wave.
@@ -54,6 +54,18 @@ import torch.distributed as dist
 from torch import nn
 
 OPTIMIZERS = ("amuse", "replicated", "muon", "adamw")
+SECTIONS = ("ops", "time", "dist", "plan", "memory")
+# Tiny arguments per section for tests/test_benchmarks.py (seconds each; figures not checked).
+SMOKE = {
+    "ops": ["--sections", "ops", "--shapes", "debug"],
+    "time": ["--sections", "time", "--shapes", "debug", "--warmup", "1", "--repeats", "1"],
+    "dist": [
+        "--sections", "dist", "--world-sizes", "2", "--warmup", "1", "--repeats", "1",
+        "--no-timing-checks",
+    ],
+    "plan": ["--sections", "plan", "--fake-ranks", "8", "--repeats", "1"],
+    "memory": ["--sections", "memory"],
+}  # fmt: skip
 THRESHOLDS = {2: 0.6, 4: 0.35}  # AMUSE NS time (max over ranks) / replicated's, acceptance
 ELEMENTWISE_LIMIT = 1.3  # AMUSE elementwise step / AdamW(foreach), 124m shapes (issue 10)
 
@@ -267,7 +279,7 @@ def plan_section(args: argparse.Namespace) -> list[dict[str, Any]]:
 
     rows = [
         xp.time_exchange(world, rank, args.repeats)
-        for world in (8, 64, 256, 1024)
+        for world in args.fake_ranks
         for rank in sorted({0, xp.heaviest_owner(world)})
     ]
     dist.destroy_process_group()
@@ -756,8 +768,7 @@ def print_times(rows: list[dict[str, Any]]) -> None:
 
 def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    sections = ["ops", "time", "dist", *EXTRA_SECTIONS]
-    parser.add_argument("--sections", nargs="+", choices=sections, default=sections)
+    parser.add_argument("--sections", nargs="+", choices=SECTIONS, default=list(SECTIONS))
     parser.add_argument(
         "--shapes", nargs="+", choices=list(FLAVOR_OF), default=["debug", "124m", "8b"]
     )
@@ -773,6 +784,15 @@ def main(argv: Sequence[str] | None = None) -> None:
         help="dist: time optimizers one after another (less memory) instead of interleaved",
     )
     parser.add_argument("--timeout", type=int, default=900, help="seconds per world size")
+    parser.add_argument(
+        "--fake-ranks", type=int, nargs="+", default=[8, 64, 256, 1024], help="plan: world sizes"
+    )
+    parser.add_argument(
+        "--no-timing-checks",
+        action="store_true",
+        help="print the timing acceptance lines without failing on them (smoke runs on a loaded "
+        "machine); the exact byte check still fails the run",
+    )
     parser.add_argument("--json", metavar="PATH", help="also write summary + raw data as JSON")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--out", help=argparse.SUPPRESS)
@@ -808,7 +828,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         for r in report["time"]:
             if r["shapes"] == "124m":
                 ok = r["amuse_vs_foreach"] <= ELEMENTWISE_LIMIT
-                failed |= not ok
+                failed |= not ok and not args.no_timing_checks
                 print(
                     f"124m: AMUSE elementwise step / AdamW(foreach) = {r['amuse_vs_foreach']:.2f} "
                     f"(<= {ELEMENTWISE_LIMIT}) {'PASS' if ok else 'FAIL'}"
@@ -818,7 +838,8 @@ def main(argv: Sequence[str] | None = None) -> None:
             report[name] = fn(args)
     if "dist" in args.sections:
         report["dist"] = dist_section(args)
-        failed |= any(not c["passed"] for c in report["dist"]["checks"])
+        if not args.no_timing_checks:
+            failed |= any(not c["passed"] for c in report["dist"]["checks"])
         failed |= any(ok is False for ok in report["dist"]["exchange_model_match"].values())
     if args.json:
         with open(args.json, "w") as f:
