@@ -1,7 +1,7 @@
 """What one optimizer step costs: op counts, elementwise time, and owner-wise NS under FSDP2.
 
 Model shapes come from torchtitan's Llama 3 flavors (``amuse_dist.titan.train_spec.FLAVORS``):
-``debug`` = "debugmodel", ``124m`` = "124M", ``1.3b`` = "1.3B", ``8b`` = "8B".
+``tiny`` = "tiny", ``debug`` = "debugmodel", ``124m`` = "124M", ``1.3b`` = "1.3B", ``8b`` = "8B".
 
 Sections (``--sections``, all by default), one process unless noted:
 
@@ -70,8 +70,8 @@ THRESHOLDS = {2: 0.6, 4: 0.35}  # AMUSE NS time (max over ranks) / replicated's,
 ELEMENTWISE_LIMIT = 1.3  # AMUSE elementwise step / AdamW(foreach), 124m shapes (issue 10)
 
 # shape name -> torchtitan flavor (amuse_dist.titan.train_spec.FLAVORS); shapes derive from it
-FLAVOR_OF = {"debug": "debugmodel", "124m": "124M", "1.3b": "1.3B", "8b": "8B"}
-FITS_ON_CPU = ("debug", "124m", "1.3b")
+FLAVOR_OF = {"tiny": "tiny", "debug": "debugmodel", "124m": "124M", "1.3b": "1.3B", "8b": "8B"}
+FITS_ON_CPU = ("tiny", "debug", "124m", "1.3b")
 
 
 def flavor_args(shapes: str, n_layers: int | None = None) -> Any:
