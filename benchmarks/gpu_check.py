@@ -97,16 +97,11 @@ def build_data(root: Path, vocab: int, assets: Path | None) -> dict[str, str]:
     from amuse_dist.data.prepare import prepare
     from amuse_dist.titan.data import prepare_assets
 
-    corpus, tok = prepare_assets(assets or root / "assets", vocab_size=vocab)
-    shards = root / f"shards_{vocab}"
-    if not (shards / "train").exists():
-        prepare(
-            shards,
-            tok,
-            input_dir=corpus,
-            processes=max(1, min(8, (os.cpu_count() or 2) // 2)),
-            progress=False,
-        )
+    assets = assets or root / "assets"
+    corpus, tok = prepare_assets(assets, vocab_size=vocab)
+    shards = assets / f"shards_{vocab}"  # beside the tokenizer: reused when the assets are
+    procs = max(1, min(8, (os.cpu_count() or 2) // 2))
+    prepare(shards, tok, input_dir=corpus, processes=procs, progress=False)  # no-op when done
     return {"AMUSE_GPU_TOKENIZER": str(tok), "AMUSE_GPU_SHARDS": str(shards)}
 
 
