@@ -30,7 +30,6 @@ import argparse
 import json
 import os
 import platform
-import shutil
 import statistics
 import subprocess
 import sys
@@ -339,8 +338,6 @@ def trainer_section(data: dict[str, str], root: Path, dry: bool, clock: Clock) -
                 log(f"trainer {opt} {batch}x{seq} FAILED:\n{row['error']}")
             else:
                 log(f"trainer {opt} {batch}x{seq}: {row['tokens_per_s']} tokens/s")
-            if not dry:
-                shutil.rmtree(dump / "tb", ignore_errors=True)
             rows.append(row)
     return rows
 
