@@ -34,15 +34,24 @@ pytestmark = [
 ]
 
 
-def test_amuse_on_cuda_matches_reference() -> None:
+# (weights dtype, NS dtype, tolerance): fp64 weights with fp32 NS isolate the device's round-off
+# (CPU: ~1e-8). The default bf16 NS is not compared step by step: on this toy model bf16 round-off
+# alone moves the weights ~1.5e-2 apart over 30 steps between two implementations on the same CPU.
+NUMERICS = [(torch.float64, torch.float32, 1e-5)]
+
+
+@pytest.mark.parametrize(("weights", "ns_dtype", "tol"), NUMERICS, ids=["fp32-ns"])
+def test_amuse_on_cuda_matches_reference(
+    weights: torch.dtype, ns_dtype: torch.dtype, tol: float
+) -> None:
     from amuse_dist import AMUSE, param_groups
     from tests.reference_amuse import ReferenceAMUSE
     from tests.toy import HP, batch, loss_fn, make_model, rel
 
     hp = dict(HP, warmup_steps=10)
-    cpu_model = make_model().double()
+    cpu_model = make_model().to(weights)
     model = copy.deepcopy(cpu_model).to(DEVICE)
-    opt = AMUSE(param_groups(model), ns_dtype=torch.float32, **hp)
+    opt = AMUSE(param_groups(model), ns_dtype=ns_dtype, **hp)
     muon_ids = {id(p) for g in param_groups(cpu_model) if g["use_muon"] for _, p in g["params"]}
     ref = ReferenceAMUSE(
         [(p, id(p) in muon_ids) for p in cpu_model.parameters()],
@@ -52,6 +61,7 @@ def test_amuse_on_cuda_matches_reference() -> None:
         rho=hp["rho"],
         momentum=hp["momentum"],
         weight_decay=hp["weight_decay"],
+        ns_dtype=ns_dtype,
     )
     for step in range(30):
         inputs, labels = batch(step)
@@ -63,10 +73,10 @@ def test_amuse_on_cuda_matches_reference() -> None:
         cpu_model.zero_grad(set_to_none=True)
     for p, q in zip(model.parameters(), cpu_model.parameters(), strict=True):
         assert p.device.type == DEVICE
-        assert rel(p.cpu(), q) <= 1e-5, rel(p.cpu(), q)
+        assert rel(p.cpu(), q) <= tol, rel(p.cpu(), q)
     xs = opt.x_tensors()
     for p, xr in zip(model.parameters(), ref.x(), strict=True):
-        assert rel(xs[p].cpu(), xr) <= 1e-5
+        assert rel(xs[p].cpu(), xr) <= tol, rel(xs[p].cpu(), xr)
 
 
 @pytest.fixture(scope="module")
