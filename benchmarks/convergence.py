@@ -40,7 +40,12 @@ Usage:
   python benchmarks/convergence.py --gpu --csv outputs/convergence_gpu.csv --png docs/conv_gpu.png
   python benchmarks/convergence.py --sweep amuse=0.01,0.02,0.04 --seeds 3
   python benchmarks/convergence.py -- --training.dataset local_text --training.dataset_path D
+  python benchmarks/convergence.py --dry-run               # seconds: parse every arm, train one
 Arguments after ``--`` go to every trainer run unchanged.
+
+``--dry-run`` (the suite's smoke test): every arm's trainer command is parsed by the trainer's own
+config parser (a renamed flag fails here), one tiny AMUSE run (1 rank, 4 steps) goes through the
+real trainer, and the CSV, tables and plot are written to a temporary folder (never the docs' CSV).
 """
 
 from __future__ import annotations
@@ -787,11 +792,56 @@ def parse_args(argv: Sequence[str] | None) -> tuple[argparse.Namespace, list[str
     p.add_argument("--keep-runs", action="store_true", help="keep each run's dump folder")
     p.add_argument("--timeout", type=int, default=1800, help="seconds per run")
     p.add_argument("--report", action="store_true", help="only print tables and plot the CSV")
+    p.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="parse every arm's command, train one tiny AMUSE run, report into a temp folder",
+    )
     return p.parse_args(argv), passthrough
+
+
+# Tiny arguments for tests/test_benchmarks.py ({assets}: the offline corpus/tokenizer folder).
+SMOKE = {"main": ["--dry-run", "--", "--local_data.assets_dir", "{assets}"]}
+DRY = Profile(flavor="tiny", steps=4, val_freq=2, val_steps=1, local_batch_size=2, seq_len=64)
+
+
+def dry_run(passthrough: list[str], timeout: int) -> int:
+    """Every arm's trainer command through the trainer's parser, then one real tiny AMUSE run and
+    the report, all in a temporary folder."""
+    import tempfile
+
+    from amuse_dist.titan import launch as titan_launch
+
+    titan_launch.setup_device()  # before torchtitan is imported
+    from amuse_dist.titan.config import parse_job_config
+
+    with tempfile.TemporaryDirectory(prefix="convergence_dry_") as tmp:
+        root = Path(tmp)
+        for arm in ARMS.values():
+            run = Run(arm, 0, arm.cpu_lr or 0.01, DRY.steps)
+            parse_job_config(trainer_args(run, DRY, root / run.name, passthrough, False))
+        print(f"dry run: the trainer parsed the commands of {len(ARMS)} arms", flush=True)
+        study = Study(
+            prof=DRY,
+            nproc=1,
+            gpu=False,
+            csv_path=root / "convergence.csv",
+            runs_dir=root / "runs",
+            timeout=timeout,
+            passthrough=passthrough,
+            keep_runs=False,
+            failed=[],
+        )
+        if not study.ensure(Run(ARMS["amuse"], 0, 0.01, DRY.steps)):
+            return 1
+        print(report(read_rows(study.csv_path), DRY.steps, root / "convergence.png", "dry run"))
+    return 0
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args, passthrough = parse_args(argv)
+    if args.dry_run:
+        return dry_run(passthrough, args.timeout)
     prof = GPU if args.gpu else CPU
     prof = replace(
         prof,

@@ -25,6 +25,7 @@ import json
 import os
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -32,7 +33,18 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 
-def parse_args() -> argparse.Namespace:
+# Tiny arguments for tests/test_benchmarks.py (seconds; figures not checked). {tmp}: a scratch
+# folder, {assets}: the offline corpus/tokenizer folder (built on first use).
+SMOKE = {
+    "main": [
+        "--ranks", "1", "2", "--global-batch", "4", "--seq-len", "32", "--steps", "2",
+        "--workers", "1", "--repeats", "1", "--min-micro-batches", "4",
+        "--work", "{tmp}", "--assets", "{assets}",
+    ]
+}  # fmt: skip
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--ranks", type=int, nargs="+", default=[1, 2, 4, 8, 64])
     p.add_argument("--global-batch", type=int, default=64, help="G, sequences per step")
@@ -48,16 +60,17 @@ def parse_args() -> argparse.Namespace:
     )
     p.add_argument("--repeats", type=int, default=5, help="token_shards: best of N timings")
     p.add_argument("--work", default=str(REPO / "outputs" / "bench_data"))
+    p.add_argument("--assets", default=None, help="corpus/tokenizer folder (default: WORK/assets)")
     p.add_argument("--json", default=None, help="write the rows to this JSON file")
-    return p.parse_args()
+    return p.parse_args(argv)
 
 
-def build_data(work: Path) -> tuple[Path, Path, Path]:
+def build_data(work: Path, assets: Path | None = None) -> tuple[Path, Path, Path]:
     """(corpus, tokenizer, shards) of the offline corpus."""
     from amuse_dist.data.prepare import prepare
     from amuse_dist.titan.data import prepare_assets
 
-    corpus, tok = prepare_assets(work / "assets", vocab_size=2048)
+    corpus, tok = prepare_assets(assets or work / "assets", vocab_size=2048)
     shards = work / "shards"
     prepare(shards, tok, input_dir=corpus, processes=1, progress=False)
     return corpus, tok, shards
@@ -136,14 +149,14 @@ def bench_stream(args: argparse.Namespace, corpus: Path, tok: Path, w: int) -> d
     }
 
 
-def main() -> None:
-    args = parse_args()
+def main(argv: Sequence[str] | None = None) -> None:
+    args = parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
     from amuse_dist.titan import cpu
 
     cpu.setup_device()
-    corpus, tok, shards = build_data(Path(args.work))
+    corpus, tok, shards = build_data(Path(args.work), args.assets and Path(args.assets))
     rows = []
     for w in args.ranks:
         if args.global_batch % w:

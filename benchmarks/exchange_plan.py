@@ -30,6 +30,7 @@ import statistics
 import sys
 import time
 import weakref
+from collections.abc import Sequence
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -181,12 +182,16 @@ def owner_memory(world: int, wave_bytes: int | None, pipeline: bool) -> dict:
     }
 
 
-def main() -> None:
+# Tiny arguments for tests/test_benchmarks.py (seconds; figures not checked).
+SMOKE = {"main": ["--ranks", "8", "--repeats", "1"]}
+
+
+def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--ranks", type=int, nargs="+", default=[8, 64, 256, 1024])
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--json", metavar="PATH")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     rows = []
     for world in args.ranks:
         for rank in sorted({0, heaviest_owner(world)}):

@@ -156,11 +156,15 @@ NOTE = (
 )
 
 
-def main() -> None:
+# Tiny arguments for tests/test_benchmarks.py (seconds; figures not checked).
+SMOKE = {"main": ["--models", "debugmodel"]}
+
+
+def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", nargs="+", default=["8B", "70B"])
     parser.add_argument("--json", metavar="PATH", help="also write the rows as JSON")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     rows = rows_for(args.models)
     print(table(rows))
     print()
