@@ -8,6 +8,8 @@ checkpoint every 2 steps, validation every 2 steps on fixed token shards, and th
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -30,7 +32,13 @@ def read(config: Path) -> dict[str, Any]:
 
 
 def shrunk_args(
-    config: Path, dump: Path, shards: Path, tokenizer: Path, nproc: int, steps: int = STEPS
+    config: Path,
+    dump: Path,
+    shards: Path,
+    tokenizer: Path,
+    nproc: int,
+    steps: int = STEPS,
+    extra: Sequence[str] = (),
 ) -> list[str]:
     """``--job.config_file config`` with only its size shrunk to CPU (see the module docstring)."""
     toml = read(config)
@@ -61,4 +69,46 @@ def shrunk_args(
     warmup = toml.get("lr_scheduler", {}).get("warmup_steps", 0)
     if warmup >= steps:  # torchtitan's warmup must fit in the run; a schedule is still exercised
         args += ["--lr_scheduler.warmup_steps", "1"]
-    return args
+    if "--compile.enable" in extra and "--compile.backend" not in args:
+        args += ["--compile.backend", "aot_eager"]
+    return [*args, *extra]
+
+
+@dataclass(frozen=True)
+class Job:
+    """One run of the shipped-config test: a config, extra flags, a rank count."""
+
+    name: str
+    config: Path
+    nproc: int = 2
+    extra: tuple[str, ...] = ()
+
+    def worker_entry(self, root: Path, shards: Path, tokenizer: Path) -> dict[str, Any]:
+        """What tests/workers/shipped_worker.py runs: the straight run, then the resume."""
+        straight, resumed = root / self.name / "straight", root / self.name / "resumed"
+        args = (self.config, shards, tokenizer, self.nproc)
+        return {
+            "name": self.name,
+            "straight": shrunk_args(self.config, straight, *args[1:], extra=self.extra),
+            "resumed": shrunk_args(self.config, resumed, *args[1:], extra=self.extra),
+        }
+
+
+# The issue's reproduction: debug_cpu.toml with compile and each activation-checkpointing mode,
+# on 2 ranks and on 1 (names are wrapped differently with and without FSDP).
+AC_MODES = ("none", "full", "selective")
+COMPILE_AC = [
+    Job(
+        f"debug_cpu-compile-ac_{mode}-{n}rank",
+        CONFIG_DIR / "debug_cpu.toml",
+        n,
+        ("--compile.enable", "--activation_checkpoint.mode", mode),
+    )
+    for n in (1, 2)
+    for mode in AC_MODES
+]
+
+
+def jobs() -> list[Job]:
+    """Every config of the folder as it ships, then the compile/AC reproduction."""
+    return [Job(c.stem, c) for c in shipped_configs()] + COMPILE_AC
