@@ -8,6 +8,7 @@ One torchrun per rank count runs every job (tests/workers/shipped_worker.py)."""
 from __future__ import annotations
 
 import json
+import math
 import subprocess
 from pathlib import Path
 
@@ -90,6 +91,8 @@ def test_shipped_config(job: Job, runs: Path) -> None:
 
     # the resume from step-2 reproduces steps 3 and 4
     want = tb_by_step(straight, "loss_metrics/global_avg_loss")
+    assert sorted(want) == list(range(1, STEPS + 1)), want
+    assert all(math.isfinite(v) for v in want.values()), want
     again = tb_by_step(resumed, "loss_metrics/global_avg_loss")
     for step in range(3, STEPS + 1):
         assert again[step] == pytest.approx(want[step], rel=1e-5), (step, again, want)
