@@ -331,3 +331,23 @@ def test_local_text_bad_input_is_one_line_exit_2(
         for needle in needles:
             assert needle in errors[0], (needle, errors[0])
         assert "Traceback" not in proc.stderr and not dump.exists(), folder
+
+
+# ------------------------------------------------------------------------------ layering
+def test_loaders_never_import_the_train_spec() -> None:
+    """No import circle train_spec -> loaders -> train_spec (not even inside a function): the
+    model's vocab size is passed in; data/ and the dataset table import no torch."""
+    import ast
+
+    for path in sorted((REPO / "amuse_dist" / "titan" / "loaders").glob("*.py")):
+        tree = ast.parse(path.read_text())
+        names = {a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
+        names |= {n.module or "" for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)}
+        up = {m for m in names if m.startswith("amuse_dist.titan.") and ".loaders" not in m}
+        assert not up, (path.name, up)
+    code = (
+        "import sys, amuse_dist.data.corpus, amuse_dist.titan.loaders.datasets, "
+        "amuse_dist.titan.launch; assert 'torch' not in sys.modules, 'torch imported'"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
