@@ -362,12 +362,15 @@ def _resolve_data(config: Any) -> None:
     """The validation data as token shards (the built-in corpus or a local_text folder built or
     prepared on first use), checked against the model before any process group starts."""
     from amuse_dist.data import DataError
-    from amuse_dist.titan.loaders.datasets import resolve_datasets
+    from amuse_dist.titan.loaders.datasets import reads_token_shards, resolve_datasets
     from amuse_dist.titan.loaders.token_shards import check_job_config
     from amuse_dist.titan.train_spec import model_vocab_size
 
     vocab = model_vocab_size(config)
     resolve_datasets(config, vocab)
+    v, t = config.validation, config.training
+    if reads_token_shards(v.dataset):  # the training loader is built, never read: no 2nd dataset
+        t.dataset, t.dataset_path = v.dataset, v.dataset_path
     errors = check_job_config(config, vocab)
     if errors:
         raise DataError("invalid data: " + "; ".join(errors))

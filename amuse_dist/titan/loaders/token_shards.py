@@ -256,8 +256,13 @@ class TokenShardDataloader(BaseDataLoader):
             return
         state = pickle.loads(payload)
         ds = self.dataset
-        if state.get("version") != _STATE_VERSION:
-            raise DataError(f"token_shards dataloader state version {state.get('version')}")
+        if state.get("version") != _STATE_VERSION or "next_sequence" not in state:
+            raise DataError(
+                f"the checkpoint's data position (version {state.get('version')}, keys "
+                f"{sorted(state)}) was not saved by the token-shard loader (a run of an earlier "
+                "amuse_dist streamed local_corpus/local_text): resume with "
+                "--checkpoint.exclude_from_loading dataloader to start the data over"
+            )
         same_data = (
             state["fingerprint"] == ds.reader.index["tokenizer"]["fingerprint"]
             and state["num_sequences"] == ds.reader.num_sequences
