@@ -283,7 +283,7 @@ def _int_at_least(n: int):
 
 # (section, key) -> (predicate, expected description)
 _RANGES: dict[tuple[str, str], tuple[Any, str]] = {
-    ("local_data", "vocab_size"): _int_at_least(256),
+    ("local_data", "vocab_size"): _int_at_least(258),  # 256 bytes + BOS + EOS
     ("optimizer", "lr"): _in(0, math.inf),
     ("optimizer", "beta1"): _in(0, 1, lo_open=False),
     ("optimizer", "beta2"): _in(0, 1, lo_open=False),
