@@ -134,6 +134,16 @@ def test_crash_leftovers_are_ours_and_redone(tmp_path: Path) -> None:
         builtin.build_builtin(assets, 300, max_bytes=60_000)
 
 
+def test_ranks_build_once_together(tmp_path: Path) -> None:
+    """Every rank of a launch calls the build at once (before any process group): one builds,
+    the others wait and get the same folders; no rank sees a half-claimed folder as foreign."""
+    import multiprocessing as mp
+
+    with mp.get_context("spawn").Pool(3) as pool:
+        results = pool.starmap(builtin.build_builtin, [(tmp_path / "a", 300, 60_000)] * 3)
+    assert len(set(results)) == 1 and (results[0].shards / "index.json").is_file()
+
+
 # ------------------------------------------------------------------------------ the assets folder
 def _users_folder(root: Path) -> Path:
     """The documented local_text layout, as a user keeps it."""

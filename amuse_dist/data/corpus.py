@@ -95,18 +95,20 @@ def claim_assets_dir(folder: Path | str) -> Path:
     if folder.exists() and not folder.is_dir():
         raise _refuse(folder, "is a file")
     if folder.is_dir():
-        _check_claimable(folder, ignore={_LOCK})
+        _check_claimable(folder)
     folder.mkdir(parents=True, exist_ok=True)
     with FileLock(str(folder / _LOCK)):
         if not (folder / ASSETS_MARKER).is_file():
-            _check_claimable(folder, ignore={_LOCK})
+            _check_claimable(folder)
             info = {"created_by": "amuse_dist", "purpose": "built-in offline corpus and shards"}
             atomic_write_text(folder / ASSETS_MARKER, json.dumps(info, indent=1))
     return folder
 
 
-def _check_claimable(folder: Path, ignore: set[str]) -> None:
-    entries = {p.name for p in folder.iterdir()} - ignore
+def _check_claimable(folder: Path) -> None:
+    # our lock and marker (and the marker's temp file while another rank writes it) don't count
+    ours = (".amuse_assets.", "..amuse_assets.")  # atomic_write_text's temp: ".<name>.tmp-<pid>"
+    entries = {p.name for p in folder.iterdir() if not p.name.startswith(ours)}
     if not entries:
         return
     legacy = entries <= _LEGACY_ENTRIES and (folder / "corpus" / CORPUS_MARKER).is_file()
