@@ -353,7 +353,27 @@ def prepare(targets: list[tuple[int, str, Path]], args: argparse.Namespace) -> A
     for _, kind, path in targets:
         if kind == "export":
             _check_export_config(path, config, ExportError)
+    if not getattr(args, "lm_eval", None):
+        _resolve_data(config)
     return config
+
+
+def _resolve_data(config: Any) -> None:
+    """The validation data as token shards (the built-in corpus or a local_text folder built or
+    prepared on first use), checked against the model before any process group starts."""
+    from amuse_dist.data import DataError
+    from amuse_dist.titan.loaders.datasets import reads_token_shards, resolve_datasets
+    from amuse_dist.titan.loaders.token_shards import check_job_config
+    from amuse_dist.titan.train_spec import model_vocab_size
+
+    vocab = model_vocab_size(config)
+    resolve_datasets(config, vocab)
+    v, t = config.validation, config.training
+    if reads_token_shards(v.dataset):  # the training loader is built, never read: no 2nd dataset
+        t.dataset, t.dataset_path = v.dataset, v.dataset_path
+    errors = check_job_config(config, vocab)
+    if errors:
+        raise DataError("invalid data: " + "; ".join(errors))
 
 
 def evaluate_targets(
@@ -495,6 +515,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     path = Path(args.path)
     from amuse_dist.anytime.run_format import RunError
+    from amuse_dist.data import DataError
 
     launch.setup_device()  # before anything imports torchtitan
     try:
@@ -503,7 +524,7 @@ def main(argv: list[str] | None = None) -> None:
         check_weights(targets, args.weights)
         check_files(targets)
         config = prepare(targets, args)
-    except (FileNotFoundError, RunError) as e:
+    except (FileNotFoundError, RunError, DataError) as e:
         print(f"amuse-eval: {e}", file=sys.stderr)
         raise SystemExit(2) from None
     if args.lm_eval:

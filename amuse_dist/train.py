@@ -12,12 +12,10 @@ from amuse_dist.titan import launch
 
 
 def _warn_missing_tokenizer(config: object, logger: object) -> None:
-    """torchtitan's own warning is silenced (it fires for the local corpus, whose tokenizer is
-    built later); say it only where nothing will build the folder."""
-    from amuse_dist.titan.config import LOCAL_DATASETS
-
+    """torchtitan's own warning is silenced (it fires for the built-in corpus, whose tokenizer is
+    built before start-up); say it once the data is resolved and the folder is still missing."""
     path = config.model.hf_assets_path  # type: ignore[attr-defined]
-    if config.training.dataset not in LOCAL_DATASETS and path and not os.path.exists(path):  # type: ignore[attr-defined]
+    if path and not os.path.exists(path):
         logger.warning(  # type: ignore[attr-defined]
             f"[model] hf_assets_path = {path!r} does not exist: the tokenizer is read from there"
         )
@@ -38,15 +36,24 @@ def main(argv: list[str] | None = None) -> None:
     train_spec.register()
     try:
         config = load_job_config(args)
-        from amuse_dist.titan.token_shards import check_job_config
+        from amuse_dist.data import DataError
+        from amuse_dist.titan.loaders.datasets import resolve_datasets
+        from amuse_dist.titan.loaders.token_shards import check_job_config
 
-        data_errors = check_job_config(config)  # shards, tokenizer, vocab, sizes
+        vocab = train_spec.model_vocab_size(config)
+        try:  # offline datasets -> token shards, built or prepared on first use
+            notes = resolve_datasets(config, vocab)
+        except DataError as e:
+            raise ConfigError(str(e)) from None
+        data_errors = check_job_config(config, vocab)  # shards, tokenizer, vocab, sizes
         if data_errors:
             raise ConfigError("invalid data:\n  " + "\n  ".join(data_errors))
     except ConfigError as e:
         print(f"amuse-train: {e}", file=sys.stderr)
         raise SystemExit(2) from None
 
+    for note in notes:
+        logger.info(note)
     _warn_missing_tokenizer(config, logger)
     launch.offline_hub_defaults(launch.job_datasets(config))
     launch.single_process_env()

@@ -216,7 +216,7 @@ class Profile:
 
 
 # tiny: dim 128, 4 layers, vocab 2048; 2 ranks x 4 x 256 = 2048 tokens/step;
-# validation: 16 batches per rank, 32 batches (128 sequences) in all.
+# validation: 16 global batches of 4 x ranks sequences (token shards: the same on any rank count).
 CPU = Profile(flavor="tiny", steps=200, val_freq=25, val_steps=16, local_batch_size=4, seq_len=256)
 # 124M at seq 512; 32 sequences per GPU is the paper's 124M share (256 over 8 GPUs).
 GPU = Profile(
@@ -250,7 +250,12 @@ class Run:
 
 # ----------------------------------------------------------------------------------- launching
 def trainer_args(
-    run: Run, prof: Profile, dump: Path, passthrough: Sequence[str], checkpoints: bool
+    run: Run,
+    prof: Profile,
+    dump: Path,
+    passthrough: Sequence[str],
+    checkpoints: bool,
+    nproc: int = 2,
 ) -> list[str]:
     warmup = max(1, round(run.arm.warmup_frac * run.steps))
     args = [
@@ -271,8 +276,8 @@ def trainer_args(
         str(prof.local_batch_size),
         "--training.seq_len",
         str(prof.seq_len),
-        "--validation.local_batch_size",
-        str(prof.local_batch_size),
+        "--validation.local_batch_size",  # token shards: the global validation batch
+        str(prof.local_batch_size * nproc),
         "--validation.seq_len",
         str(prof.seq_len),
         "--validation.freq",
@@ -477,7 +482,9 @@ class Study:
             print(f"[{run.name}] in the CSV already", flush=True)
             return True
         dump = self.runs_dir / run.name
-        args = trainer_args(run, self.prof, dump, self.passthrough, checkpoints=False)
+        args = trainer_args(
+            run, self.prof, dump, self.passthrough, checkpoints=False, nproc=self.nproc
+        )
         print(f"[{run.name}] {run.arm.label}, lr {run.lr:g}, {run.steps} steps ...", flush=True)
         rc, wall = launch(dump, args, self.nproc, self.gpu, self.timeout)
         tags = read_tb(dump)
@@ -771,7 +778,7 @@ def parse_args(argv: Sequence[str] | None) -> tuple[argparse.Namespace, list[str
     p.add_argument("--gpu", action="store_true", help="124M, seq 512, bf16, compile, all GPUs")
     p.add_argument("--steps", type=int, default=None, help="T (CPU 200, GPU 2000)")
     p.add_argument("--val-freq", type=int, default=None, help="validate every K steps")
-    p.add_argument("--val-steps", type=int, default=None, help="validation batches per rank")
+    p.add_argument("--val-steps", type=int, default=None, help="validation batches (global)")
     p.add_argument("--nproc", type=int, default=None, help="ranks (CPU 2, GPU: all GPUs)")
     p.add_argument("--flavor", default=None, help="model flavor (CPU tiny, GPU 124M)")
     p.add_argument("--seeds", type=int, default=2, help="seeds of the AMUSE and Muon arms")

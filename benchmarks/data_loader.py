@@ -66,14 +66,11 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 
 
 def build_data(work: Path, assets: Path | None = None) -> tuple[Path, Path, Path]:
-    """(corpus, tokenizer, shards) of the offline corpus."""
-    from amuse_dist.data.prepare import prepare
-    from amuse_dist.titan.data import prepare_assets
+    """(train jsonl folder, tokenizer, shards) of the built-in offline corpus."""
+    from amuse_dist.data.corpus import build_builtin
 
-    corpus, tok = prepare_assets(assets or work / "assets", vocab_size=2048)
-    shards = work / "shards"
-    prepare(shards, tok, input_dir=corpus, processes=1, progress=False)
-    return corpus, tok, shards
+    built = build_builtin(assets or work / "assets", 2048)
+    return built.corpus / "train", built.tokenizer, built.shards
 
 
 def job_config(args: argparse.Namespace, dataset: str, path: Path, tok: Path, w: int, workers: int):
@@ -105,7 +102,7 @@ def time_loader(loader: Any, micro_batches: int) -> tuple[float, int]:
 
 
 def bench_shards(args: argparse.Namespace, shards: Path, tok: Path, w: int, workers: int) -> dict:
-    from amuse_dist.titan.token_shards import build_token_shard_dataloader
+    from amuse_dist.titan.loaders.token_shards import build_token_shard_dataloader
 
     jc = job_config(args, "token_shards", shards, tok, w, workers)
     loader = build_token_shard_dataloader(w, 0, None, jc)
@@ -129,12 +126,13 @@ def bench_shards(args: argparse.Namespace, shards: Path, tok: Path, w: int, work
 
 def bench_stream(args: argparse.Namespace, corpus: Path, tok: Path, w: int) -> dict:
     from torchtitan.components.tokenizer import HuggingFaceTokenizer
+    from torchtitan.hf_datasets.text_datasets import DATASETS
 
-    from amuse_dist.titan import data
-    from amuse_dist.titan.global_batches import build_global_batch_dataloader
+    from amuse_dist.titan.loaders.global_batches import build_global_batch_dataloader
+    from amuse_dist.titan.loaders.hub import jsonl_dataset_config
 
-    data.register_datasets()
-    jc = job_config(args, "local_corpus", corpus, tok, w, 0)
+    DATASETS.setdefault("jsonl_stream", jsonl_dataset_config(corpus))  # a hub stream stand-in
+    jc = job_config(args, "jsonl_stream", corpus, tok, w, 0)
     loader = build_global_batch_dataloader(w, 0, HuggingFaceTokenizer(str(tok)), jc)
     per_step = args.global_batch // w
     n = args.steps * per_step

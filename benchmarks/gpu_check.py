@@ -93,15 +93,10 @@ def env_for_children(data: dict[str, str]) -> dict[str, str]:
 # ------------------------------------------------------------------------------------- 1. data
 def build_data(root: Path, vocab: int, assets: Path | None) -> dict[str, str]:
     """Corpus, tokenizer and token shards from the project's offline code; their paths."""
-    from amuse_dist.data.prepare import prepare
-    from amuse_dist.titan.data import prepare_assets
+    from amuse_dist.data.corpus import build_builtin
 
-    assets = assets or root / "assets"
-    corpus, tok = prepare_assets(assets, vocab_size=vocab)
-    shards = assets / f"shards_{vocab}"  # beside the tokenizer: reused when the assets are
-    procs = max(1, min(8, (os.cpu_count() or 2) // 2))
-    prepare(shards, tok, input_dir=corpus, processes=procs, progress=False)  # no-op when done
-    return {"AMUSE_GPU_TOKENIZER": str(tok), "AMUSE_GPU_SHARDS": str(shards)}
+    built = build_builtin(assets or root / "assets", vocab)  # reused when already built
+    return {"AMUSE_GPU_TOKENIZER": str(built.tokenizer), "AMUSE_GPU_SHARDS": str(built.shards)}
 
 
 # ------------------------------------------------------------------------------- 2. gpu tests

@@ -23,8 +23,8 @@ echo "== training took $(( $(date +%s) - start )) s; checkpoints:"
 ls "$RUN_DIR/checkpoint"
 
 echo "== evaluating X of every checkpoint (amuse-eval)"
-# on the training's 2 ranks: local_corpus validation batches follow the data-parallel degree
-# (token_shards validation does not), so these are the batches the run validated on
+# the built-in corpus is read as token shards: the validated sequences, and so the loss, are the
+# same on any number of ranks (1, 2 or 3 give the run's own validation loss at X)
 python -m torch.distributed.run --standalone --nproc_per_node 2 --local-ranks-filter 0 \
   -m amuse_dist.eval "$RUN_DIR" --steps 5 --no-progress 2>&1 | grep -v "^\[titan\]" \
   | grep -E "^ +(step|[0-9]+) |^wrote" || true

@@ -165,23 +165,43 @@ def run_args(
 
 
 # ------------------------------------------------------------------ reading what a run wrote
-def validation_config(corpus: Path, batches: int) -> Any:
-    """debug_cpu.toml validating on ``batches`` batches of 4 from ``corpus``: the fixed batches
-    amuse-eval measures in these tests (``amuse_eval`` below)."""
+def builtin_data(assets: Path) -> Any:
+    """The built-in corpus as token shards, with its tokenizer (what debug_cpu.toml trains on
+    with ``--local_data.assets_dir assets``)."""
+    from amuse_dist.data.corpus import build_builtin
+
+    return build_builtin(assets, 2048)
+
+
+def validation_config(assets: Path, batches: int) -> Any:
+    """debug_cpu.toml validating on ``batches`` global batches of 4 of the built-in corpus: the
+    fixed batches amuse-eval measures in these tests (``amuse_eval`` below)."""
     from amuse_dist.titan.config import parse_job_config
 
+    built = builtin_data(assets)
     return parse_job_config(
         [
             "--job.config_file",
             str(DEBUG_TOML),
+            "--validation.dataset",
+            "token_shards",
             "--validation.dataset_path",
-            str(corpus),
+            str(built.shards),
+            "--model.hf_assets_path",
+            str(built.tokenizer),
             "--validation.local_batch_size",
             "4",
             "--validation.steps",
             str(batches),
         ]
     )
+
+
+def eval_batches(assets: Path, batches: int) -> list[tuple[dict[str, torch.Tensor], torch.Tensor]]:
+    """The (inputs, labels) batches amuse-eval validates on in these tests, on one process."""
+    from amuse_dist.titan.loaders.token_shards import build_token_shard_validation_dataloader
+
+    return list(build_token_shard_validation_dataloader(1, 0, validation_config(assets, batches)))
 
 
 def read_x(step_dir: Path) -> dict[str, torch.Tensor]:
@@ -210,18 +230,13 @@ def fresh_llama_losses(x_dir: Path, assets: Path, batches: int) -> tuple[float, 
     """Load the exported folder into a fresh torchtitan Llama and into transformers'
     LlamaForCausalLM; their validation losses on the fixed batches amuse-eval uses."""
     from safetensors.torch import load_file
-    from torchtitan.components.tokenizer import HuggingFaceTokenizer
-    from torchtitan.hf_datasets.text_datasets import build_text_validation_dataloader
     from torchtitan.models.llama3 import Transformer
     from torchtitan.models.llama3.model.state_dict_adapter import Llama3StateDictAdapter
     from transformers import LlamaForCausalLM
 
-    from amuse_dist.titan import data
     from amuse_dist.titan.train_spec import FLAVORS
 
-    data.register_datasets()
-    corpus, tokenizer_dir = data.prepare_assets(assets, 2048)
-    cfg = validation_config(corpus, batches)
+    cfg = validation_config(assets, batches)
     args = FLAVORS["tiny"]
     args.update_from_config(cfg)
     with torch.device("cpu"):
@@ -234,13 +249,7 @@ def fresh_llama_losses(x_dir: Path, assets: Path, batches: int) -> tuple[float, 
     model.load_state_dict(Llama3StateDictAdapter(args, None).from_hf(hf), strict=True)
     model.eval()
     hf_model = LlamaForCausalLM.from_pretrained(x_dir, torch_dtype=torch.float32).eval()
-    loader = build_text_validation_dataloader(
-        job_config=cfg,
-        dp_world_size=1,
-        dp_rank=0,
-        tokenizer=HuggingFaceTokenizer(str(tokenizer_dir)),
-        infinite=True,
-    )
+    loader = eval_batches(assets, batches)
 
     def mean_token_loss(logits: torch.Tensor, labels: torch.Tensor) -> float:
         ce = torch.nn.functional.cross_entropy(

@@ -10,26 +10,29 @@ from typing import Any
 import pytest
 import torch
 
-from amuse_dist.titan import data
-from amuse_dist.titan.global_batches import (
+from amuse_dist.data.corpus import build_builtin
+from amuse_dist.titan.loaders.global_batches import (
     STATE_KEY,
     GlobalBatchDataloader,
     build_global_batch_dataloader,
 )
 
 SEQ = 32
+STREAM = "jsonl_stream"  # a torchtitan text dataset over local jsonl files
 GBS = 6
 
 
 @pytest.fixture(scope="module")
 def assets(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Any]:
     from torchtitan.components.tokenizer import HuggingFaceTokenizer
+    from torchtitan.hf_datasets.text_datasets import DATASETS
 
-    corpus, tok_dir = data.prepare_assets(
-        tmp_path_factory.mktemp("assets"), vocab_size=1024, max_bytes=300_000
-    )
-    data.register_datasets()
-    return corpus, HuggingFaceTokenizer(str(tok_dir))
+    from amuse_dist.titan.loaders.hub import jsonl_dataset_config
+
+    built = build_builtin(tmp_path_factory.mktemp("assets"), 1024, max_bytes=300_000)
+    corpus = built.corpus / "train"  # the built-in corpus's text, streamed as a hub stand-in
+    DATASETS.setdefault(STREAM, jsonl_dataset_config(corpus))
+    return corpus, HuggingFaceTokenizer(str(built.tokenizer))
 
 
 def _job_config(corpus: Path, local: int, gbs: int, *extra: str) -> Any:
@@ -38,7 +41,7 @@ def _job_config(corpus: Path, local: int, gbs: int, *extra: str) -> Any:
     return ConfigManager().parse_args(
         [
             "--training.dataset",
-            "local_corpus",
+            STREAM,
             "--training.dataset_path",
             str(corpus),
             "--training.seq_len",
@@ -87,7 +90,7 @@ def _reference(assets: tuple[Path, Any], n_seq: int) -> torch.Tensor:
     from torchtitan.hf_datasets.text_datasets import HuggingFaceTextDataset
 
     corpus, tok = assets
-    ds = HuggingFaceTextDataset("local_corpus", str(corpus), tok, seq_len=SEQ, infinite=True)
+    ds = HuggingFaceTextDataset(STREAM, str(corpus), tok, seq_len=SEQ, infinite=True)
     it = iter(ds)
     return torch.stack([next(it)[0]["input"] for _ in range(n_seq)])
 
@@ -129,7 +132,7 @@ def test_state_is_the_stream_position(assets: tuple[Path, Any]) -> None:
     from torchtitan.hf_datasets.text_datasets import HuggingFaceTextDataset
 
     corpus, tok = assets
-    ds = HuggingFaceTextDataset("local_corpus", str(corpus), tok, seq_len=SEQ, infinite=True)
+    ds = HuggingFaceTextDataset(STREAM, str(corpus), tok, seq_len=SEQ, infinite=True)
     it = iter(ds)
     for _ in range(2 * GBS):
         next(it)

@@ -16,7 +16,15 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests._titan import DEBUG_TOML, amuse_eval, read_x, run_args, tb_by_step, torchrun
+from tests._titan import (
+    DEBUG_TOML,
+    amuse_eval,
+    eval_batches,
+    read_x,
+    run_args,
+    tb_by_step,
+    torchrun,
+)
 
 STEPS = 10
 PAPER = dict(
@@ -76,12 +84,7 @@ def test_tied_resume_is_bitwise_identical(tied: Path, tmp_path: Path, assets: Pa
 def test_tied_export_in_transformers_matches_amuse_eval(
     tied: Path, tmp_path: Path, assets: Path
 ) -> None:
-    from torchtitan.components.tokenizer import HuggingFaceTokenizer
-    from torchtitan.hf_datasets.text_datasets import build_text_validation_dataloader
     from transformers import LlamaForCausalLM
-
-    from amuse_dist.titan import data
-    from amuse_dist.titan.config import parse_job_config
 
     x_dir = tied / "checkpoint" / f"step-{STEPS}" / "x"
     rows = amuse_eval(x_dir, tmp_path / "eval", tmp_path)
@@ -92,19 +95,7 @@ def test_tied_export_in_transformers_matches_amuse_eval(
     hf_model = LlamaForCausalLM.from_pretrained(x_dir, torch_dtype=torch.float32).eval()
     assert hf_model.lm_head.weight.data_ptr() == hf_model.model.embed_tokens.weight.data_ptr()
 
-    data.register_datasets()
-    corpus, tokenizer_dir = data.prepare_assets(assets, 2048)
-    cfg = parse_job_config(
-        ["--job.config_file", str(DEBUG_TOML), "--validation.dataset_path", str(corpus)]
-        + ["--validation.local_batch_size", "4", "--validation.steps", "2"]
-    )
-    loader = build_text_validation_dataloader(
-        job_config=cfg,
-        dp_world_size=1,
-        dp_rank=0,
-        tokenizer=HuggingFaceTokenizer(str(tokenizer_dir)),
-        infinite=True,
-    )
+    loader = eval_batches(assets, 2)
     losses = []
     with torch.no_grad():
         for i, (inputs, labels) in enumerate(loader):

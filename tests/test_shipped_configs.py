@@ -27,14 +27,10 @@ WORKER = REPO / "tests" / "workers" / "shipped_worker.py"
 @pytest.fixture(scope="module")
 def shards(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     """Token shards of a small slice of the offline corpus, and its tokenizer (vocab 2048)."""
-    from amuse_dist.data.prepare import prepare
-    from amuse_dist.titan.data import prepare_assets
+    from amuse_dist.data.corpus import build_builtin
 
-    root = tmp_path_factory.mktemp("shipped_data")
-    corpus, tokenizer = prepare_assets(root / "assets", 2048, max_bytes=600_000)
-    out = root / "shards"
-    prepare(out, tokenizer, input_dir=corpus, shard_tokens=50_000, progress=False)
-    return out, tokenizer
+    built = build_builtin(tmp_path_factory.mktemp("shipped_data"), 2048, max_bytes=600_000)
+    return built.shards, built.tokenizer
 
 
 @pytest.fixture(scope="module")

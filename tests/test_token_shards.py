@@ -181,20 +181,20 @@ def _job_config(prepared: dict[str, Path], shards: Path, tokenizer: Path | None 
     )
 
 
-def test_bad_shards_tokenizer_and_vocab(
-    prepared: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    from amuse_dist.titan.token_shards import check_job_config
-    from amuse_dist.titan.train_spec import FLAVORS
+def test_bad_shards_tokenizer_and_vocab(prepared: dict[str, Path], tmp_path: Path) -> None:
+    from amuse_dist.titan.loaders.token_shards import check_job_config
+    from amuse_dist.titan.train_spec import model_vocab_size
     from amuse_dist.tokenizer import train
 
-    assert check_job_config(_job_config(prepared, prepared["shards"])) == []
+    vocab = model_vocab_size(_job_config(prepared, prepared["shards"]))
+    assert vocab == 2048  # the tiny flavor's, passed in: the loaders never import the spec
+    assert check_job_config(_job_config(prepared, prepared["shards"]), vocab) == []
     # a truncated shard
     bad = tmp_path / "truncated"
     shutil.copytree(prepared["shards"], bad)
     shard = bad / "train-00001.bin"
     shard.write_bytes(shard.read_bytes()[:-7])
-    errors = check_job_config(_job_config(prepared, bad))
+    errors = check_job_config(_job_config(prepared, bad), vocab)
     assert any(str(shard) in e and "truncated" in e for e in errors), errors
     # a corrupt shard (ids beyond the vocab): named when read
     bad = tmp_path / "corrupt"
@@ -210,26 +210,31 @@ def test_bad_shards_tokenizer_and_vocab(
         read_index(bad)
     # another tokenizer: both fingerprints and paths named
     other = train(prepared["folder"], tmp_path / "other_tok", 300)
-    errors = check_job_config(_job_config(prepared, prepared["shards"], other))
+    errors = check_job_config(_job_config(prepared, prepared["shards"], other), vocab)
     assert errors and "tokenizer mismatch" in errors[0], errors
     assert str(other) in errors[0] and Encoder(other).fingerprint in errors[0]
     assert Encoder(prepared["tokenizer"]).fingerprint in errors[0]
     # a vocab larger than the model's: both values named
-    monkeypatch.setattr(FLAVORS["tiny"], "vocab_size", 300)
-    errors = check_job_config(_job_config(prepared, prepared["shards"]))
+    errors = check_job_config(_job_config(prepared, prepared["shards"]), 300)
     assert errors and f"vocab of {Encoder(prepared['tokenizer']).vocab_size}" in errors[0]
     assert "vocab_size 300" in errors[0]
 
 
-def test_local_text_names_a_non_utf8_file(tmp_path: Path) -> None:
-    from amuse_dist.titan import data
+def test_local_text_names_a_non_utf8_file(prepared: dict[str, Path], tmp_path: Path) -> None:
+    from amuse_dist.titan.config import parse_job_config
+    from amuse_dist.titan.loaders.datasets import resolve_datasets
 
     folder = tmp_path / "texts"
     folder.mkdir()
     (folder / "a.txt").write_text("fine text", encoding="utf-8")
     (folder / "b.txt").write_bytes("caf\xe9 latin-1".encode("latin-1"))
+    cfg = parse_job_config(
+        ["--training.dataset", "local_text", "--training.dataset_path", str(folder)]
+        + ["--model.hf_assets_path", str(prepared["tokenizer"]), "--validation.no-enable"]
+        + ["--local_data.assets_dir", str(tmp_path / "assets")]
+    )
     with pytest.raises(DataError, match=r"b\.txt: not UTF-8 text \(invalid byte at byte 3\)"):
-        data._load_local_text(str(folder))
+        resolve_datasets(cfg, 2048)
 
 
 # ------------------------------------------------------------------------------ through the trainer
@@ -300,6 +305,20 @@ def test_train_resume_on_1_and_3_ranks_and_eval_on_any(
     step4 = base / "checkpoint" / "step-4"
     for nproc in (1, 2, 3):
         assert _eval(step4, nproc, tmp_path) == pytest.approx(val[4], abs=1e-5), nproc
+
+
+def test_demo_checkpoint_evaluates_the_same_on_1_2_3_ranks(straight: Path, tmp_path: Path) -> None:
+    """debug_cpu.toml as shipped (the built-in corpus, read as token shards), trained on 2 ranks:
+    amuse-eval of its step-20 checkpoint with the run's own validation settings gives the
+    training's validation loss at X on 1, 2 and 3 ranks (issue 19: the streaming local_corpus
+    gave 7.8567 on 1 rank and 7.8369 on 2)."""
+    config = (straight / "config.toml").read_text()
+    assert 'dataset = "token_shards"' in config and "local_corpus" not in config
+    val = tb_scalars(straight)["validation_x/loss"]
+    step = straight / "checkpoint" / "step-20"
+    losses = {nproc: _eval(step, nproc, tmp_path) for nproc in (1, 2, 3)}
+    for nproc, loss in losses.items():
+        assert loss == pytest.approx(val[20], abs=1e-5), (nproc, losses, val[20])
 
 
 def test_trainer_refuses_a_tokenizer_mismatch_before_starting(

@@ -24,7 +24,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from tests._titan import REPO, amuse_eval, run_args, torchrun, validation_config
+from tests._titan import REPO, amuse_eval, builtin_data, eval_batches, run_args, torchrun
 
 SAMPLE = 'def main(argv):\n    """Parse the options."""\n    return 0\n'
 ANSI = re.compile(r"\x1b\[")
@@ -39,10 +39,7 @@ def test_x_export_loads_in_transformers_from_the_folder_alone(
     straight: Path, assets: Path, tmp_path: Path
 ) -> None:
     from torchtitan.components.tokenizer import HuggingFaceTokenizer
-    from torchtitan.hf_datasets.text_datasets import build_text_validation_dataloader
     from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from amuse_dist.titan import data
 
     x = _x(straight)
     for name in ("config.json", "generation_config.json", "README.md", "tokenizer.json"):
@@ -55,9 +52,7 @@ def test_x_export_loads_in_transformers_from_the_folder_alone(
 
     # tokenization: AutoTokenizer from the folder == training's (BOS + text; training also
     # ends each document with EOS, which a prompt must not have)
-    data.register_datasets()
-    corpus, tokenizer_dir = data.prepare_assets(assets, 2048)
-    training = HuggingFaceTokenizer(str(tokenizer_dir))
+    training = HuggingFaceTokenizer(str(builtin_data(assets).tokenizer))
     hf_tok = AutoTokenizer.from_pretrained(x)
     doc = training.encode(SAMPLE, add_bos=True, add_eos=True)
     assert doc[0] == training.bos_id and doc[-1] == training.eos_id
@@ -76,10 +71,7 @@ def test_x_export_loads_in_transformers_from_the_folder_alone(
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             model = AutoModelForCausalLM.from_pretrained(x).eval()
-            cfg = validation_config(corpus, 2)
-            loader = build_text_validation_dataloader(
-                job_config=cfg, dp_world_size=1, dp_rank=0, tokenizer=training, infinite=True
-            )
+            loader = eval_batches(assets, 2)
             losses = []
             with torch.no_grad():
                 for i, (inputs, labels) in enumerate(loader):

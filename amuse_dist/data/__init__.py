@@ -9,6 +9,8 @@ so preparing data needs no GPU stack and the format can be read by any framework
 - :mod:`amuse_dist.data.shards`: the on-disk format (index JSON + ``.bin`` token files), its
   reader and the deterministic global sequence order.
 - :mod:`amuse_dist.data.prepare`: tokenize sources into shards, in parallel, atomically.
+- :mod:`amuse_dist.data.corpus`: the built-in offline corpus (stdlib text, a local BPE, then
+  ``prepare``) in an assets folder that never writes into a folder it did not create.
 """
 
 from amuse_dist.data.errors import DataError

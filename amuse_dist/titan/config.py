@@ -22,9 +22,7 @@ except ModuleNotFoundError:  # python < 3.11
     import tomli as tomllib  # type: ignore[no-redef]
 
 from amuse_dist.optim import hparams, registry
-
-LOCAL_DATASETS = ("local_corpus", "local_corpus_validation")
-"""Datasets built from the offline corpus ([local_data] assets_dir)."""
+from amuse_dist.titan.loaders import datasets as dataset_table
 
 # [optimizer] keys that only torchtitan's own optimizers (AdamW, Adam) read
 _TITAN_OPTIMIZER_KEYS = ("beta1", "beta2", "eps", "weight_decay", "implementation")
@@ -32,10 +30,13 @@ _TITAN_OPTIMIZER_KEYS = ("beta1", "beta2", "eps", "weight_decay", "implementatio
 
 @dataclass
 class LocalData:
-    """Where the offline corpus and BPE tokenizer are built when a dataset is local_corpus."""
+    """Where offline data is built: the built-in corpus (``local_corpus``) as token shards with
+    its own BPE, and ``local_text`` folders prepared to token shards. amuse_dist writes only into
+    a folder it created (marked by ``.amuse_assets.json``); one holding other files is refused."""
 
     assets_dir: str = "./outputs/assets"
     vocab_size: int = 2048
+    """The built-in corpus's BPE vocab (at most the model's vocab_size)."""
 
 
 @dataclass
@@ -109,11 +110,11 @@ def _choice_sections() -> list[tuple[str, type, Any]]:
         return []
     from torchtitan.hf_datasets.text_datasets import DATASETS
 
-    from amuse_dist.titan import data
+    from amuse_dist.titan.loaders import hub
     from amuse_dist.titan.train_spec import FLAVORS
 
-    data.register_datasets()
-    datasets = sorted(DATASETS)
+    hub.register_datasets()
+    datasets = sorted(set(DATASETS) | set(dataset_table.names()))
     optimizer = make_dataclass(
         "Optimizer",
         [
@@ -282,7 +283,7 @@ def _int_at_least(n: int):
 
 # (section, key) -> (predicate, expected description)
 _RANGES: dict[tuple[str, str], tuple[Any, str]] = {
-    ("local_data", "vocab_size"): _int_at_least(256),
+    ("local_data", "vocab_size"): _int_at_least(258),  # 256 bytes + BOS + EOS
     ("optimizer", "lr"): _in(0, math.inf),
     ("optimizer", "beta1"): _in(0, 1, lo_open=False),
     ("optimizer", "beta2"): _in(0, 1, lo_open=False),
@@ -364,10 +365,7 @@ def check_values(cfg: Any, explicit: set[tuple[str, str]] = frozenset()) -> list
             f"[validation] seq_len = {v.seq_len}: expected <= [training] seq_len = "
             f"{cfg.training.seq_len} (the model's context is the training sequence length)"
         )
-    uses_local = cfg.training.dataset in LOCAL_DATASETS or (
-        v.enable and v.dataset in LOCAL_DATASETS
-    )
-    if uses_local and cfg.model.name == "llama3_amuse":
+    if dataset_table.uses_builtin(cfg) and cfg.model.name == "llama3_amuse":
         from amuse_dist.titan.train_spec import FLAVORS
 
         flavor = FLAVORS.get(cfg.model.flavor)
@@ -418,7 +416,7 @@ def _prelaunch_checks(cfg: Any) -> list[str]:
             "checkpoints are atomic: the X export must finish before the folder is published)"
         )
     workers = cfg.training.dataloader.num_workers
-    if workers != 0 and not str(cfg.training.dataset).startswith("token_shards"):
+    if workers != 0 and not dataset_table.is_offline(cfg.training.dataset):
         errors.append(
             f"[training.dataloader] num_workers = {workers}: expected 0 with [training] dataset = "
             f"{_fmt(cfg.training.dataset)} (the world-size-independent loader keeps its stream "

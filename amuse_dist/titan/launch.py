@@ -19,17 +19,7 @@ import sys
 from collections.abc import Iterable
 from typing import Any
 
-# datasets that need no network (the offline corpus, local folders, token shards)
-LOCAL_DATASETS = frozenset(
-    {
-        "local_corpus",
-        "local_corpus_validation",
-        "local_text",
-        "local_text_validation",
-        "token_shards",
-        "token_shards_validation",
-    }
-)
+from amuse_dist.titan.loaders.datasets import is_offline
 
 
 def setup_device() -> str:
@@ -45,7 +35,7 @@ def offline_hub_defaults(datasets: Iterable[str | None]) -> bool:
     A user's explicit ``HF_HUB_OFFLINE``/``HF_DATASETS_OFFLINE`` always wins. Returns whether the
     defaults were applied.
     """
-    if any(d and d not in LOCAL_DATASETS for d in datasets):
+    if any(d and not is_offline(d) for d in datasets):
         return False
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("HF_DATASETS_OFFLINE", "1")

@@ -25,7 +25,7 @@ from torchtitan.tools.logging import logger
 from tqdm import tqdm
 
 from amuse_dist.optim.protocols import averaging
-from amuse_dist.titan.global_batches import resolve_global_batch_size
+from amuse_dist.titan.loaders.global_batches import resolve_global_batch_size
 
 
 def tokens_per_step(job_config: Any, parallel_dims: ParallelDims) -> int:

@@ -19,9 +19,10 @@ from torchtitan.models.llama3.model.args import RoPEScalingArgs
 from torchtitan.protocols.train_spec import TrainSpec, get_train_spec, register_train_spec
 
 from amuse_dist.titan import cpu
+from amuse_dist.titan.loaders import hub
+from amuse_dist.titan.loaders.token_shards import build_dataloader
 from amuse_dist.titan.metrics import build_amuse_metrics_processor
 from amuse_dist.titan.optimizers import make_build_optimizers
-from amuse_dist.titan.token_shards import build_dataloader
 from amuse_dist.titan.validator import build_anytime_validator
 
 NAME = "llama3_amuse"
@@ -74,6 +75,27 @@ FLAVORS: dict[str, AmuseModelArgs] = {
 }
 
 _JOB_CONFIG: list[Any] = []
+
+
+def model_vocab_size(job_config: Any) -> int | None:
+    """vocab_size of the configured model flavor (None when it is not a known llama flavor).
+    The data checks get it from here, passed in: the loaders never import the train spec."""
+    if job_config.model.name not in (NAME, "llama3"):
+        return None
+    flavor = FLAVORS.get(job_config.model.flavor)
+    return None if flavor is None else int(flavor.vocab_size)
+
+
+def _build_dataloader(
+    dp_world_size: int, dp_rank: int, tokenizer: Any, job_config: Any, infinite: bool = True
+) -> Any:
+    return build_dataloader(
+        dp_world_size, dp_rank, tokenizer, job_config, infinite, model_vocab_size(job_config)
+    )
+
+
+def _build_validator(job_config: Any, **kwargs: Any) -> Any:
+    return build_anytime_validator(job_config, model_vocab_size(job_config), **kwargs)
 
 
 def set_job_config(job_config: Any) -> None:
@@ -216,17 +238,19 @@ def get_amuse_train_spec() -> TrainSpec:
         pipelining_fn=base.pipelining_fn,
         build_optimizers_fn=make_build_optimizers(get_job_config),
         build_lr_schedulers_fn=base.build_lr_schedulers_fn,
-        build_dataloader_fn=build_dataloader,
+        build_dataloader_fn=_build_dataloader,
         build_tokenizer_fn=base.build_tokenizer_fn,
         build_loss_fn=base.build_loss_fn,
-        build_validator_fn=build_anytime_validator,
+        build_validator_fn=_build_validator,
         build_metrics_processor_fn=build_amuse_metrics_processor,
         state_dict_adapter=base.state_dict_adapter,
     )
 
 
 def register() -> None:
-    """Register "llama3_amuse" once (torchtitan raises on a second registration)."""
+    """Register "llama3_amuse" once (torchtitan raises on a second registration), and the hub
+    datasets its loaders may stream (torchtitan's registry is per process)."""
+    hub.register_datasets()
     try:
         get_train_spec(NAME)
     except ValueError:

@@ -32,16 +32,14 @@ from amuse_dist.optim.names import named_parameters
 from amuse_dist.optim.protocols import averaging
 from amuse_dist.titan import train_spec
 from amuse_dist.titan.checkpoint import AnytimeCheckpointManager
-from amuse_dist.titan.config import LOCAL_DATASETS
 from amuse_dist.titan.export import export_hf
 from amuse_dist.titan.validator import averaged_weights, weights_swapped
 
 
 class AmuseTrainer(Trainer):
-    """Adds: whole-config access for the optimizer builder, the offline corpus/tokenizer (built
-    once by rank 0 after the process group exists, before dataloaders are built), one run per
-    dump folder (a lock held by rank 0), the divergence guard, the run's own copy of the
-    export assets, and the run records (``train.log``, ``config.toml``) in the run folder.
+    """Adds: whole-config access for the optimizer builder, one run per dump folder (a lock
+    held by rank 0), the divergence guard, the run's own copy of the export assets, and the run
+    records (``train.log``, ``config.toml``) in the run folder.
     ``evaluating=True`` (amuse-eval) only reads the run folder: no lock, no copy, no records.
     """
 
@@ -328,8 +326,6 @@ class AmuseTrainer(Trainer):
         parallel_dims = super().init_distributed()
         if not self.evaluating:
             self._lock_run_folder()
-        self._prepare_local_data()
-        if not self.evaluating:
             self._copy_run_assets()
         return parallel_dims
 
@@ -343,29 +339,6 @@ class AmuseTrainer(Trainer):
             if copied is not None:
                 logger.info(f"exports ship the tokenizer copied into the run folder: {copied}")
         dist.barrier()
-
-    def _prepare_local_data(self) -> None:
-        cfg = self.job_config
-        train_local = cfg.training.dataset in LOCAL_DATASETS
-        val_local = cfg.validation.enable and cfg.validation.dataset in LOCAL_DATASETS
-        from amuse_dist.titan import data
-
-        data.register_datasets()  # every rank: the registry is per process
-        if not (train_local or val_local):
-            return
-
-        assets = cfg.local_data.assets_dir
-        paths: list[Any] = [None, None]
-        if dist.get_rank() == 0:
-            paths = [str(p) for p in data.prepare_assets(assets, cfg.local_data.vocab_size)]
-        dist.broadcast_object_list(paths, src=0)  # others wait here until rank 0 has built them
-        corpus_dir, tokenizer_dir = paths
-        if train_local:
-            cfg.training.dataset_path = str(corpus_dir)
-        if val_local:
-            cfg.validation.dataset_path = str(corpus_dir)
-        cfg.model.hf_assets_path = str(tokenizer_dir)
-        logger.info(f"local corpus at {corpus_dir}, tokenizer at {tokenizer_dir}")
 
 
 _PATH_KEYS = (

@@ -24,7 +24,7 @@ from torchtitan.tools.logging import logger
 
 from amuse_dist.distributed.layout import local_view
 from amuse_dist.optim.protocols import averaging
-from amuse_dist.titan.token_shards import build_validation_dataloader
+from amuse_dist.titan.loaders.token_shards import build_validation_dataloader
 
 
 def averaged_weights(optimizers: Any) -> dict[torch.Tensor, torch.Tensor]:
@@ -87,6 +87,7 @@ class AnytimeValidator(Validator):
         pp_has_last_stage: bool | None = None,
         validate_x: bool = True,
         validate_y: bool = True,
+        model_vocab: int | None = None,
     ):
         # torchtitan's Validator.__init__ minus its hard-wired text loader: the validation
         # dataloader comes from amuse_dist (token shards read by global index, or torchtitan's)
@@ -95,7 +96,7 @@ class AnytimeValidator(Validator):
         self.parallel_dims = parallel_dims
         self.loss_fn = loss_fn
         self.validation_dataloader = build_validation_dataloader(
-            dp_world_size, dp_rank, tokenizer, job_config
+            dp_world_size, dp_rank, tokenizer, job_config, model_vocab
         )
         self.validation_context = validation_context
         self.maybe_enable_amp = maybe_enable_amp
@@ -184,12 +185,16 @@ class AnytimeValidator(Validator):
             )
 
 
-def build_anytime_validator(job_config: Any, **kwargs: Any) -> AnytimeValidator:
-    """The train spec's ``build_validator_fn``."""
+def build_anytime_validator(
+    job_config: Any, model_vocab: int | None = None, **kwargs: Any
+) -> AnytimeValidator:
+    """The train spec's ``build_validator_fn`` (``model_vocab``: the model's vocab_size, which the
+    validation loader checks the data against; the train spec passes it)."""
     anytime = getattr(job_config, "anytime", None)
     return AnytimeValidator(
         job_config=job_config,
         validate_x=getattr(anytime, "validate_x", True),
         validate_y=getattr(anytime, "validate_y", True),
+        model_vocab=model_vocab,
         **kwargs,
     )

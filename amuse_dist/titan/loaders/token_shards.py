@@ -34,16 +34,19 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 from torchtitan.components.dataloader import BaseDataLoader
+from torchtitan.hf_datasets.text_datasets import build_text_validation_dataloader
 from torchtitan.tools.logging import logger
 
 from amuse_dist.data.errors import DataError
 from amuse_dist.data.shards import SplitReader, read_index
 from amuse_dist.data.tokenizer import Encoder
+from amuse_dist.titan.loaders.datasets import TOKEN_SHARDS as DATASET
+from amuse_dist.titan.loaders.datasets import lookup, reads_token_shards
+from amuse_dist.titan.loaders.global_batches import (
+    build_global_batch_dataloader,
+    resolve_global_batch_size,
+)
 
-DATASET = "token_shards"
-DATASETS = (DATASET, "token_shards_validation")
-"""Names read by these loaders; the split comes from the section ([training] reads train,
-[validation] reads validation), so ``token_shards_validation`` is only an alias."""
 STATE_KEY = "global"
 """The one state-dict key, the same bytes on every rank (DCP keeps one copy)."""
 _STATE_VERSION = 1
@@ -55,16 +58,6 @@ Batch = tuple[dict[str, torch.Tensor], torch.Tensor]
 
 
 # ------------------------------------------------------------------------------------ checks
-def model_vocab_size(job_config: Any) -> int | None:
-    """vocab_size of the configured model flavor (None when it is not a known llama flavor)."""
-    from amuse_dist.titan.train_spec import FLAVORS, NAME
-
-    if job_config.model.name != NAME and job_config.model.name != "llama3":
-        return None
-    flavor = FLAVORS.get(job_config.model.flavor)
-    return None if flavor is None else int(flavor.vocab_size)
-
-
 def _dataset_path(job_config: Any, section: str) -> Path:
     path = getattr(job_config, section).dataset_path
     if not path:
@@ -90,8 +83,11 @@ def check_tokenizer(index: dict[str, Any], folder: Path, tokenizer_dir: str | No
         )
 
 
-def check_vocab(index: dict[str, Any], folder: Path, job_config: Any) -> None:
-    model_vocab = model_vocab_size(job_config)
+def check_vocab(
+    index: dict[str, Any], folder: Path, job_config: Any, model_vocab: int | None
+) -> None:
+    """The shards' ids must all have an embedding (``model_vocab``: the model's vocab_size,
+    passed in by the train spec that knows the flavors; None skips the check)."""
     vocab = int(index["tokenizer"]["vocab_size"])
     if model_vocab is not None and vocab > model_vocab:
         raise DataError(
@@ -101,11 +97,18 @@ def check_vocab(index: dict[str, Any], folder: Path, job_config: Any) -> None:
         )
 
 
-def _open(job_config: Any, section: str, split: str, seq_len: int, seed: int | None) -> SplitReader:
+def _open(
+    job_config: Any,
+    section: str,
+    split: str,
+    seq_len: int,
+    seed: int | None,
+    model_vocab: int | None,
+) -> SplitReader:
     folder = _dataset_path(job_config, section)
     index = read_index(folder)
     check_tokenizer(index, folder, job_config.model.hf_assets_path)
-    check_vocab(index, folder, job_config)
+    check_vocab(index, folder, job_config, model_vocab)
     return SplitReader(folder, split, seq_len, seed=seed, index=index)
 
 
@@ -114,13 +117,16 @@ def data_seed(job_config: Any) -> int:
     return 0 if seed is None else int(seed)
 
 
-def check_job_config(job_config: Any) -> list[str]:
-    """Every token-shard problem of a config, one message each (empty when fine or unused)."""
+def check_job_config(job_config: Any, model_vocab: int | None) -> list[str]:
+    """Every token-shard problem of a (resolved) config, one message each (empty when fine or
+    unused)."""
     errors: list[str] = []
     t, v = job_config.training, job_config.validation
-    if t.dataset in DATASETS:
+    if reads_token_shards(t.dataset):
         try:
-            reader = _open(job_config, "training", "train", t.seq_len, data_seed(job_config))
+            reader = _open(
+                job_config, "training", "train", t.seq_len, data_seed(job_config), model_vocab
+            )
             gbs = t.global_batch_size if t.global_batch_size > 0 else t.local_batch_size
             if reader.num_sequences < gbs:
                 raise DataError(
@@ -129,9 +135,9 @@ def check_job_config(job_config: Any) -> list[str]:
                 )
         except DataError as e:
             errors.append(str(e))
-    if v.enable and v.dataset in DATASETS:
+    if v.enable and reads_token_shards(v.dataset):
         try:
-            validation_reader(job_config)
+            validation_reader(job_config, model_vocab)
         except DataError as e:
             if str(e) not in errors:
                 errors.append(str(e))
@@ -250,8 +256,13 @@ class TokenShardDataloader(BaseDataLoader):
             return
         state = pickle.loads(payload)
         ds = self.dataset
-        if state.get("version") != _STATE_VERSION:
-            raise DataError(f"token_shards dataloader state version {state.get('version')}")
+        if state.get("version") != _STATE_VERSION or "next_sequence" not in state:
+            raise DataError(
+                f"the checkpoint's data position (version {state.get('version')}, keys "
+                f"{sorted(state)}) was not saved by the token-shard loader (a run of an earlier "
+                "amuse_dist streamed local_corpus/local_text): resume with "
+                "--checkpoint.exclude_from_loading dataloader to start the data over"
+            )
         same_data = (
             state["fingerprint"] == ds.reader.index["tokenizer"]["fingerprint"]
             and state["num_sequences"] == ds.reader.num_sequences
@@ -305,15 +316,18 @@ def _trace(path: Path, first: int, batch: Batch) -> None:
 
 
 def build_token_shard_dataloader(
-    dp_world_size: int, dp_rank: int, tokenizer: Any, job_config: Any, infinite: bool = True
+    dp_world_size: int,
+    dp_rank: int,
+    tokenizer: Any,
+    job_config: Any,
+    infinite: bool = True,
+    model_vocab: int | None = None,
 ) -> TokenShardDataloader:
     """The training loader of ``training.dataset = "token_shards"``."""
-    from amuse_dist.titan.global_batches import resolve_global_batch_size
-
     del tokenizer, infinite  # the shards are tokenized; epochs wrap around (a new permutation)
     cfg = job_config.training
     gbs = resolve_global_batch_size(cfg.global_batch_size, cfg.local_batch_size, dp_world_size)
-    reader = _open(job_config, "training", "train", cfg.seq_len, data_seed(job_config))
+    reader = _open(job_config, "training", "train", cfg.seq_len, data_seed(job_config), model_vocab)
     if reader.num_sequences < gbs:
         raise DataError(
             f"the train split of {reader.folder} holds {reader.num_sequences} sequences of "
@@ -356,14 +370,14 @@ class TokenShardValidationLoader(BaseDataLoader):
 
 
 def build_token_shard_validation_dataloader(
-    dp_world_size: int, dp_rank: int, job_config: Any
+    dp_world_size: int, dp_rank: int, job_config: Any, model_vocab: int | None = None
 ) -> TokenShardValidationLoader:
     v = job_config.validation
-    reader = validation_reader(job_config)
+    reader = validation_reader(job_config, model_vocab)
     return TokenShardValidationLoader(reader, dp_rank, dp_world_size, v.local_batch_size, v.steps)
 
 
-def validation_reader(job_config: Any) -> Any:
+def validation_reader(job_config: Any, model_vocab: int | None) -> SplitReader:
     """The validation split's reader, checked against the config (before launch and at build)."""
     v, t = job_config.validation, job_config.training
     if v.seq_len > t.seq_len:
@@ -371,7 +385,7 @@ def validation_reader(job_config: Any) -> Any:
             f"[validation] seq_len = {v.seq_len} is longer than [training] seq_len = "
             f"{t.seq_len}: the model was not trained on such positions"
         )
-    reader = _open(job_config, "validation", "validation", v.seq_len, None)
+    reader = _open(job_config, "validation", "validation", v.seq_len, None, model_vocab)
     need = v.steps * v.local_batch_size
     if reader.num_sequences < need:
         raise DataError(
@@ -382,25 +396,46 @@ def validation_reader(job_config: Any) -> Any:
     return reader
 
 
+def _check_resolved(name: str | None, section: str) -> None:
+    kind = lookup(name)
+    if kind is not None and kind.source in ("builtin", "folder"):
+        raise DataError(
+            f'[{section}] dataset = "{name}" is read as token shards once prepared: call '
+            "amuse_dist.titan.loaders.datasets.resolve_datasets on the config first (amuse-train "
+            "and amuse-eval do)"
+        )
+
+
 def build_dataloader(
-    dp_world_size: int, dp_rank: int, tokenizer: Any, job_config: Any, infinite: bool = True
+    dp_world_size: int,
+    dp_rank: int,
+    tokenizer: Any,
+    job_config: Any,
+    infinite: bool = True,
+    model_vocab: int | None = None,
 ) -> BaseDataLoader:
     """The train spec's ``build_dataloader_fn``: token shards, or the global-stream loader."""
-    from amuse_dist.titan.global_batches import build_global_batch_dataloader
-
-    if job_config.training.dataset in DATASETS:
-        return build_token_shard_dataloader(dp_world_size, dp_rank, tokenizer, job_config)
+    _check_resolved(job_config.training.dataset, "training")
+    if reads_token_shards(job_config.training.dataset):
+        return build_token_shard_dataloader(
+            dp_world_size, dp_rank, tokenizer, job_config, model_vocab=model_vocab
+        )
     return build_global_batch_dataloader(dp_world_size, dp_rank, tokenizer, job_config, infinite)
 
 
 def build_validation_dataloader(
-    dp_world_size: int, dp_rank: int, tokenizer: Any, job_config: Any
+    dp_world_size: int,
+    dp_rank: int,
+    tokenizer: Any,
+    job_config: Any,
+    model_vocab: int | None = None,
 ) -> BaseDataLoader:
-    """Validation loader: token shards, or torchtitan's text loader for other datasets."""
-    from torchtitan.hf_datasets.text_datasets import build_text_validation_dataloader
-
-    if job_config.validation.dataset in DATASETS:
-        return build_token_shard_validation_dataloader(dp_world_size, dp_rank, job_config)
+    """Validation loader: token shards, or torchtitan's text loader for hub datasets."""
+    _check_resolved(job_config.validation.dataset, "validation")
+    if reads_token_shards(job_config.validation.dataset):
+        return build_token_shard_validation_dataloader(
+            dp_world_size, dp_rank, job_config, model_vocab
+        )
     return build_text_validation_dataloader(
         job_config=job_config,
         dp_world_size=dp_world_size,
