@@ -425,7 +425,7 @@ def _config_source(config: Any) -> str:
 def _check_export_config(path: Path, config: Any, error: type[Exception]) -> None:
     """Refuse, before building any model, an export whose config.json describes another model
     than the one the evaluation config builds."""
-    from amuse_dist.titan.train_spec import FLAVORS
+    from amuse_dist.titan.model import FLAVORS
 
     args = FLAVORS.get(config.model.flavor) if config.model.name == "llama3_amuse" else None
     cfg_file = path / "config.json"

@@ -30,7 +30,8 @@ def main(argv: list[str] | None = None) -> None:
 
     from torchtitan.tools.logging import init_logger, logger
 
-    from amuse_dist.titan import cpu, train_spec
+    from amuse_dist.titan import cpu
+    from amuse_dist.titan import model as train_spec
     from amuse_dist.titan.config import ConfigError, load_job_config
 
     init_logger()

@@ -1,6 +1,6 @@
 """What one optimizer step costs: op counts, elementwise time, and owner-wise NS under FSDP2.
 
-Model shapes come from torchtitan's Llama 3 flavors (``amuse_dist.titan.train_spec.FLAVORS``):
+Model shapes come from torchtitan's Llama 3 flavors (``amuse_dist.titan.model.FLAVORS``):
 ``debug`` = "debugmodel", ``124m`` = "124M", ``1.3b`` = "1.3B", ``8b`` = "8B".
 
 Sections (``--sections``, all by default), one process unless noted:
@@ -57,7 +57,7 @@ OPTIMIZERS = ("amuse", "replicated", "muon", "adamw")
 THRESHOLDS = {2: 0.6, 4: 0.35}  # AMUSE NS time (max over ranks) / replicated's, acceptance
 ELEMENTWISE_LIMIT = 1.3  # AMUSE elementwise step / AdamW(foreach), 124m shapes (issue 10)
 
-# shape name -> torchtitan flavor (amuse_dist.titan.train_spec.FLAVORS); shapes derive from it
+# shape name -> torchtitan flavor (amuse_dist.titan.model.FLAVORS); shapes derive from it
 FLAVOR_OF = {"debug": "debugmodel", "124m": "124M", "1.3b": "1.3B", "8b": "8B"}
 FITS_ON_CPU = ("debug", "124m", "1.3b")
 
@@ -67,7 +67,7 @@ def flavor_args(shapes: str, n_layers: int | None = None) -> Any:
     from amuse_dist.titan import launch
 
     launch.setup_device()  # as every entry point does, before torchtitan is imported
-    from amuse_dist.titan.train_spec import FLAVORS
+    from amuse_dist.titan.model import FLAVORS
 
     args = FLAVORS[FLAVOR_OF[shapes]]
     return dataclasses.replace(args, n_layers=n_layers) if n_layers is not None else args

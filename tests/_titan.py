@@ -217,7 +217,7 @@ def fresh_llama_losses(x_dir: Path, assets: Path, batches: int) -> tuple[float, 
     from transformers import LlamaForCausalLM
 
     from amuse_dist.titan import data
-    from amuse_dist.titan.train_spec import FLAVORS
+    from amuse_dist.titan.model import FLAVORS
 
     data.register_datasets()
     corpus, tokenizer_dir = data.prepare_assets(assets, 2048)

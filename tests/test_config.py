@@ -77,7 +77,7 @@ def test_paper_hyperparameters() -> None:
             steps,
             512,
         )
-    from amuse_dist.titan.train_spec import FLAVORS
+    from amuse_dist.titan.model import FLAVORS
 
     for flavor, dims in {
         "124M": (768, 12, 12),

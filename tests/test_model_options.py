@@ -121,7 +121,7 @@ def test_tied_export_in_transformers_matches_amuse_eval(
 def _model(*overrides: str) -> torch.nn.Module:
     """The tiny flavor built as the trainer builds it (config -> model args), on CPU."""
     from amuse_dist.titan.config import parse_job_config
-    from amuse_dist.titan.train_spec import FLAVORS, AmuseTransformer, init_params
+    from amuse_dist.titan.model import FLAVORS, AmuseTransformer, init_params
 
     cfg = parse_job_config(["--job.config_file", str(DEBUG_TOML), *overrides])
     args = copy.deepcopy(FLAVORS["tiny"])  # update_from_config changes it in place

@@ -110,7 +110,7 @@ def _choice_sections() -> list[tuple[str, type, Any]]:
     from torchtitan.hf_datasets.text_datasets import DATASETS
 
     from amuse_dist.titan import data
-    from amuse_dist.titan.train_spec import FLAVORS
+    from amuse_dist.titan.model import FLAVORS
 
     data.register_datasets()
     datasets = sorted(DATASETS)
@@ -368,7 +368,7 @@ def check_values(cfg: Any, explicit: set[tuple[str, str]] = frozenset()) -> list
         v.enable and v.dataset in LOCAL_DATASETS
     )
     if uses_local and cfg.model.name == "llama3_amuse":
-        from amuse_dist.titan.train_spec import FLAVORS
+        from amuse_dist.titan.model import FLAVORS
 
         flavor = FLAVORS.get(cfg.model.flavor)
         if flavor is not None and cfg.local_data.vocab_size > flavor.vocab_size:
@@ -378,7 +378,7 @@ def check_values(cfg: Any, explicit: set[tuple[str, str]] = frozenset()) -> list
             )
     errors += check_parallelism(cfg.parallelism)
     if cfg.model.name == "llama3_amuse":
-        from amuse_dist.titan.train_spec import FLAVORS
+        from amuse_dist.titan.model import FLAVORS
 
         if cfg.model.flavor not in FLAVORS:
             errors.append(

@@ -57,7 +57,7 @@ Batch = tuple[dict[str, torch.Tensor], torch.Tensor]
 # ------------------------------------------------------------------------------------ checks
 def model_vocab_size(job_config: Any) -> int | None:
     """vocab_size of the configured model flavor (None when it is not a known llama flavor)."""
-    from amuse_dist.titan.train_spec import FLAVORS, NAME
+    from amuse_dist.titan.model import FLAVORS, NAME
 
     if job_config.model.name != NAME and job_config.model.name != "llama3":
         return None

@@ -29,7 +29,7 @@ from amuse_dist.anytime.run_format import (
     run_tokenizer_dir,
 )
 from amuse_dist.optim.protocols import averaging
-from amuse_dist.titan import train_spec
+from amuse_dist.titan import model as train_spec
 from amuse_dist.titan.checkpoint import AnytimeCheckpointManager
 from amuse_dist.titan.config import LOCAL_DATASETS
 from amuse_dist.titan.export import export_hf
