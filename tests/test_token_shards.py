@@ -184,8 +184,8 @@ def _job_config(prepared: dict[str, Path], shards: Path, tokenizer: Path | None 
 def test_bad_shards_tokenizer_and_vocab(
     prepared: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from amuse_dist.titan.token_shards import check_job_config
     from amuse_dist.titan.model import FLAVORS
+    from amuse_dist.titan.token_shards import check_job_config
     from amuse_dist.tokenizer import train
 
     assert check_job_config(_job_config(prepared, prepared["shards"])) == []
