@@ -30,13 +30,12 @@ def main(argv: list[str] | None = None) -> None:
 
     from torchtitan.tools.logging import init_logger, logger
 
-    from amuse_dist.titan import cpu
-    from amuse_dist.titan import model as train_spec
+    from amuse_dist.titan import cpu, spec
     from amuse_dist.titan.config import ConfigError, load_job_config
 
     init_logger()
     cpu.quiet_known_noise()
-    train_spec.register()
+    spec.register()
     try:
         config = load_job_config(args)
         from amuse_dist.titan.token_shards import check_job_config

@@ -39,6 +39,7 @@ from torchtitan.tools.logging import logger
 from amuse_dist.data.errors import DataError
 from amuse_dist.data.shards import SplitReader, read_index
 from amuse_dist.data.tokenizer import Encoder
+from amuse_dist.titan.model import FLAVORS, NAME
 
 DATASET = "token_shards"
 DATASETS = (DATASET, "token_shards_validation")
@@ -57,8 +58,6 @@ Batch = tuple[dict[str, torch.Tensor], torch.Tensor]
 # ------------------------------------------------------------------------------------ checks
 def model_vocab_size(job_config: Any) -> int | None:
     """vocab_size of the configured model flavor (None when it is not a known llama flavor)."""
-    from amuse_dist.titan.model import FLAVORS, NAME
-
     if job_config.model.name != NAME and job_config.model.name != "llama3":
         return None
     flavor = FLAVORS.get(job_config.model.flavor)
