@@ -244,7 +244,7 @@ class AnytimeCheckpointManager(CheckpointManager):
         new = self.meta.get("config")
         if not saved or not new:
             return []
-        changed = resume_contract.changes(saved, new)
+        changed = resume_contract.changes(saved, new, registry.hparam_sections())
         refused = [
             c
             for c in changed
