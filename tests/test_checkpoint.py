@@ -34,6 +34,8 @@ from tests._titan import (
 )
 from tests._titan import STRAIGHT_STEPS as STEPS
 
+pytestmark = pytest.mark.e2e
+
 
 def test_checkpoint_layout(straight: Path) -> None:
     ckpt = straight / "checkpoint"

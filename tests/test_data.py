@@ -9,6 +9,8 @@ import pytest
 
 from amuse_dist.titan import data
 
+pytestmark = pytest.mark.unit
+
 MAX_BYTES = 400_000
 VOCAB = 1024
 

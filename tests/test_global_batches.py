@@ -17,6 +17,8 @@ from amuse_dist.titan.global_batches import (
     build_global_batch_dataloader,
 )
 
+pytestmark = pytest.mark.unit
+
 SEQ = 32
 GBS = 6
 

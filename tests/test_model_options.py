@@ -38,6 +38,7 @@ def tied(tmp_path_factory: pytest.TempPathFactory, assets: Path) -> Path:
     return dump
 
 
+@pytest.mark.e2e
 def test_tied_run_trains_and_exports_one_embedding(tied: Path) -> None:
     loss = tb_by_step(tied, "loss_metrics/global_avg_loss")
     assert sorted(loss) == list(range(1, STEPS + 1))
@@ -58,6 +59,7 @@ def test_tied_run_trains_and_exports_one_embedding(tied: Path) -> None:
     assert meta["config"]["model"]["tie_embeddings"] is True
 
 
+@pytest.mark.e2e
 def test_tied_resume_is_bitwise_identical(tied: Path, tmp_path: Path, assets: Path) -> None:
     resumed = tmp_path / "resumed"
     shutil.copytree(tied / "checkpoint" / "step-5", resumed / "checkpoint" / "step-5")
@@ -73,6 +75,7 @@ def test_tied_resume_is_bitwise_identical(tied: Path, tmp_path: Path, assets: Pa
         assert torch.equal(xa[k], xb[k]), k
 
 
+@pytest.mark.e2e
 def test_tied_export_in_transformers_matches_amuse_eval(
     tied: Path, tmp_path: Path, assets: Path
 ) -> None:
@@ -132,6 +135,7 @@ def _model(*overrides: str) -> torch.nn.Module:
     return model
 
 
+@pytest.mark.unit
 def test_authors_init_std_and_rope() -> None:
     from torchtitan.models.llama3.model.model import precompute_freqs_cis
 
@@ -156,6 +160,7 @@ def test_authors_init_std_and_rope() -> None:
     )
 
 
+@pytest.mark.unit
 def test_tied_model_has_one_parameter() -> None:
     model = _model("--model.tie_embeddings", "--model.init_std", "0.02")
     assert model.output.weight is model.tok_embeddings.weight
@@ -163,6 +168,7 @@ def test_tied_model_has_one_parameter() -> None:
     assert "output.weight" not in names and "tok_embeddings.weight" in names
 
 
+@pytest.mark.unit
 def test_bad_model_options_name_the_key(tmp_path: Path) -> None:
     from amuse_dist.titan.config import ConfigError, validate_config
 
