@@ -24,7 +24,7 @@ from benchmarks.model_shapes import llama3_muon_shapes
 from tests._titan import run_worker
 from tests.toy import HP, batch, loss_fn, make_model, rel
 
-WORKER = Path(__file__).parent / "dist_worker.py"
+WORKER = Path(__file__).parent / "workers" / "dist_worker.py"
 STEPS = 20
 N_MUON = 4  # up, mid, tiny, back
 
@@ -132,7 +132,7 @@ def test_interleaved_strided_shard_is_refused_by_name() -> None:
 
 
 # ------------------------------------------------------------------ every mesh layout, 4 ranks
-MESH_WORKER = Path(__file__).parent / "mesh_worker.py"
+MESH_WORKER = Path(__file__).parent / "workers" / "mesh_worker.py"
 MESH_STEPS = 10
 LAYOUTS = ["fsdp", "hsdp", "tp", "fsdp_tp", "hsdp_per_replica"]
 

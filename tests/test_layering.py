@@ -194,7 +194,7 @@ def test_nothing_imports_the_cli_modules() -> None:
     offenders = {}
     for p in sorted(p for root in roots for p in root.rglob("*.py")):
         module = ".".join(p.relative_to(REPO).with_suffix("").parts)
-        if module in ENTRY_POINTS or (p.parent.name == "tests" and p.name.startswith("test_")):
+        if module in ENTRY_POINTS or (p.parent == REPO / "tests" and p.name.startswith("test_")):
             continue
         hits = {
             m
