@@ -39,20 +39,17 @@ from torchtitan.tools.logging import logger
 from amuse_dist.data.errors import DataError
 from amuse_dist.data.shards import SplitReader, read_index
 from amuse_dist.data.tokenizer import Encoder
+from amuse_dist.titan.loader_state import STATE_KEY, Batch
+from amuse_dist.titan.loader_state import STATE_VERSION as _STATE_VERSION
 from amuse_dist.titan.model import FLAVORS, NAME
 
 DATASET = "token_shards"
 DATASETS = (DATASET, "token_shards_validation")
 """Names read by these loaders; the split comes from the section ([training] reads train,
 [validation] reads validation), so ``token_shards_validation`` is only an alias."""
-STATE_KEY = "global"
-"""The one state-dict key, the same bytes on every rank (DCP keeps one copy)."""
-_STATE_VERSION = 1
 TRACE_ENV = "AMUSE_DATA_TRACE"
 """A folder: each rank appends ``trace-rank<r>.jsonl`` with the global sequences it consumed (and
 a hash of their tokens) per micro-batch. A debugging aid; the resharding tests use it."""
-
-Batch = tuple[dict[str, torch.Tensor], torch.Tensor]
 
 
 # ------------------------------------------------------------------------------------ checks
