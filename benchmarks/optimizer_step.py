@@ -53,6 +53,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from amuse_dist.titan.launch import setup_device, torchrun_command
+
 OPTIMIZERS = ("amuse", "replicated", "muon", "adamw")
 THRESHOLDS = {2: 0.6, 4: 0.35}  # AMUSE NS time (max over ranks) / replicated's, acceptance
 ELEMENTWISE_LIMIT = 1.3  # AMUSE elementwise step / AdamW(foreach), 124m shapes (issue 10)
@@ -64,9 +66,7 @@ FITS_ON_CPU = ("debug", "124m", "1.3b")
 
 def flavor_args(shapes: str, n_layers: int | None = None) -> Any:
     """The torchtitan model args of ``shapes`` (optionally with another depth)."""
-    from amuse_dist.titan import launch
-
-    launch.setup_device()  # as every entry point does, before torchtitan is imported
+    setup_device()  # as every entry point does, before torchtitan is imported
     from amuse_dist.titan.model import FLAVORS
 
     args = FLAVORS[FLAVOR_OF[shapes]]
@@ -600,12 +600,8 @@ def launch(ws: int, args: argparse.Namespace, out: Path) -> dict[str, Any]:
     env = {**os.environ}
     if args.device == "cpu":
         env.update(OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="")
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--standalone",
-        f"--nproc_per_node={ws}",
+    cmd = torchrun_command(
+        ws,
         str(Path(__file__).resolve()),
         "--worker",
         "--out",
@@ -621,7 +617,8 @@ def launch(ws: int, args: argparse.Namespace, out: Path) -> dict[str, Any]:
         "--optimizers",
         *args.optimizers,
         *(["--sequential"] if args.sequential else []),
-    ]
+        rank0_output=False,
+    )
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=args.timeout)
     if proc.returncode != 0:
         sys.stderr.write(proc.stdout[-4000:] + proc.stderr[-8000:])
