@@ -365,9 +365,9 @@ def evaluate_targets(
     from tqdm import tqdm
 
     from amuse_dist.anytime.run_format import ExportError, ExportInfo
+    from amuse_dist.optim.averaged import averaged_weights, weights_swapped
     from amuse_dist.titan.export import load_hf_export
     from amuse_dist.titan.trainer import AmuseTrainer
-    from amuse_dist.titan.validator import averaged_weights, weights_swapped
 
     config = prepare(targets, args) if config is None else config
     launch.offline_hub_defaults(launch.job_datasets(config))

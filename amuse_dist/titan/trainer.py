@@ -28,12 +28,12 @@ from amuse_dist.anytime.run_format import (
     export_dir,
     run_tokenizer_dir,
 )
+from amuse_dist.optim.averaged import averaged_weights, weights_swapped
 from amuse_dist.optim.protocols import averaging
 from amuse_dist.titan import spec as train_spec
 from amuse_dist.titan.checkpoint import AnytimeCheckpointManager
 from amuse_dist.titan.config import LOCAL_DATASETS
 from amuse_dist.titan.export import export_hf
-from amuse_dist.titan.validator import averaged_weights, weights_swapped
 
 
 class AmuseTrainer(Trainer):
