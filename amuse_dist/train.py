@@ -8,14 +8,15 @@ any process group starts, so bad configs fail fast with a message naming the key
 import os
 import sys
 
+from amuse_dist.anytime.run_format import RunError
+from amuse_dist.data import DataError
 from amuse_dist.titan import launch
+from amuse_dist.titan.config import LOCAL_DATASETS, ConfigError, load_job_config
 
 
 def _warn_missing_tokenizer(config: object, logger: object) -> None:
     """torchtitan's own warning is silenced (it fires for the local corpus, whose tokenizer is
     built later); say it only where nothing will build the folder."""
-    from amuse_dist.titan.config import LOCAL_DATASETS
-
     path = config.model.hf_assets_path  # type: ignore[attr-defined]
     if config.training.dataset not in LOCAL_DATASETS and path and not os.path.exists(path):  # type: ignore[attr-defined]
         logger.warning(  # type: ignore[attr-defined]
@@ -31,7 +32,6 @@ def main(argv: list[str] | None = None) -> None:
     from torchtitan.tools.logging import init_logger, logger
 
     from amuse_dist.titan import cpu, spec
-    from amuse_dist.titan.config import ConfigError, load_job_config
 
     init_logger()
     cpu.quiet_known_noise()
@@ -50,8 +50,6 @@ def main(argv: list[str] | None = None) -> None:
     _warn_missing_tokenizer(config, logger)
     launch.offline_hub_defaults(launch.job_datasets(config))
     launch.single_process_env()
-    from amuse_dist.anytime.run_format import RunError
-    from amuse_dist.data import DataError
     from amuse_dist.titan.trainer import AmuseTrainer, dump_full_state
 
     logger.info(f"amuse_dist: device {device}, optimizer {config.optimizer.name}")

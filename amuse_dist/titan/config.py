@@ -11,6 +11,7 @@ import difflib
 import importlib
 import math
 import os
+import sys
 import types
 import typing
 from dataclasses import dataclass, field, make_dataclass
@@ -21,6 +22,7 @@ try:
 except ModuleNotFoundError:  # python < 3.11
     import tomli as tomllib  # type: ignore[no-redef]
 
+from amuse_dist.anytime.run_format import RunError, check_export_folder
 from amuse_dist.optim import hparams, registry
 
 LOCAL_DATASETS = ("local_corpus", "local_corpus_validation")
@@ -103,8 +105,6 @@ def _choice_sections() -> list[tuple[str, type, Any]]:
     """``[optimizer] name``, ``[model] flavor`` and the dataset keys with their valid values as
     types (torchtitan merges same-named sections), so ``--help`` lists the choices and a wrong
     value names them. Empty where torchtitan has not been imported (nothing to merge into)."""
-    import sys
-
     if "torchtitan" not in sys.modules:
         return []
     from torchtitan.hf_datasets.text_datasets import DATASETS
@@ -353,8 +353,6 @@ def check_values(cfg: Any, explicit: set[tuple[str, str]] = frozenset()) -> list
     if v.enable and v.freq < 1:
         errors.append(f"[validation] freq = {v.freq}: expected an int >= 1")
     if cfg.anytime.export_x:
-        from amuse_dist.anytime.run_format import RunError, check_export_folder
-
         try:
             check_export_folder(cfg.anytime.export_folder)
         except RunError as e:
