@@ -85,7 +85,7 @@ def test_config_errors_exit_2_before_launch(
 ) -> None:
     """export_folder climbing out of the step folder and a validation seq_len beyond the
     training one: both named, exit 2, before any process group; nothing is created."""
-    from amuse_dist.train import main as train_main
+    from amuse_dist.titan.run import train as train_main
 
     dump = tmp_path / "never"
     args = run_args(dump, assets, anytime__export_folder="../x", validation__seq_len=512)
