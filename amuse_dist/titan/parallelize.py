@@ -2,8 +2,8 @@
 (gloo) fix for FSDP's gradient reduction.
 
 llama3's ``parallelize_llama`` calls its module-level ``apply_fsdp``; for a tied model that
-function is swapped for ``_apply_fsdp_tied`` while ``parallelize`` runs (and restored after),
-the one monkeypatch of torchtitan in this package.
+function is swapped for ``_apply_fsdp_tied`` while ``parallelize`` runs and restored after (a
+scoped patch: nothing else sees it).
 """
 
 import contextlib
