@@ -364,7 +364,7 @@ def _resolve_data(config: Any) -> None:
     from amuse_dist.data import DataError
     from amuse_dist.titan.loaders.datasets import reads_token_shards, resolve_datasets
     from amuse_dist.titan.loaders.token_shards import check_job_config
-    from amuse_dist.titan.train_spec import model_vocab_size
+    from amuse_dist.titan.model import model_vocab_size
 
     vocab = model_vocab_size(config)
     resolve_datasets(config, vocab)
@@ -385,9 +385,9 @@ def evaluate_targets(
     from tqdm import tqdm
 
     from amuse_dist.anytime.run_format import ExportError, ExportInfo
+    from amuse_dist.optim.averaged import averaged_weights, weights_swapped
     from amuse_dist.titan.export import load_hf_export
     from amuse_dist.titan.trainer import AmuseTrainer
-    from amuse_dist.titan.validator import averaged_weights, weights_swapped
 
     config = prepare(targets, args) if config is None else config
     launch.offline_hub_defaults(launch.job_datasets(config))
@@ -445,7 +445,7 @@ def _config_source(config: Any) -> str:
 def _check_export_config(path: Path, config: Any, error: type[Exception]) -> None:
     """Refuse, before building any model, an export whose config.json describes another model
     than the one the evaluation config builds."""
-    from amuse_dist.titan.train_spec import FLAVORS
+    from amuse_dist.titan.model import FLAVORS
 
     args = FLAVORS.get(config.model.flavor) if config.model.name == "llama3_amuse" else None
     cfg_file = path / "config.json"

@@ -15,6 +15,7 @@ import argparse
 import sys
 
 from amuse_dist.data import DataError
+from amuse_dist.data.prepare import prepare
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -52,8 +53,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
-    from amuse_dist.data.prepare import prepare
-
     try:
         index = prepare(
             args.out,

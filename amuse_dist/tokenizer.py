@@ -15,6 +15,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from amuse_dist.data import DataError
+from amuse_dist.data.sources import plan_units, read_unit
+from amuse_dist.data.tokenizer import Encoder, train_bpe, write_tokenizer
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -34,8 +36,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def texts(folder: Path, field: str, skip_unknown: bool) -> Iterator[list[str]]:
     """Batches of documents of a folder; only its train/ part when it is split."""
-    from amuse_dist.data.sources import plan_units, read_unit
-
     for unit in plan_units(folder, skip_unknown):
         if unit.split != "validation":
             docs = read_unit(unit, field)
@@ -45,8 +45,6 @@ def texts(folder: Path, field: str, skip_unknown: bool) -> Iterator[list[str]]:
 
 def train(input_dir: Path | str, out: Path | str, vocab_size: int, field: str = "text",
           skip_unknown: bool = False) -> Path:  # fmt: skip
-    from amuse_dist.data.tokenizer import train_bpe, write_tokenizer
-
     tok = train_bpe(texts(Path(input_dir), field, skip_unknown), vocab_size)
     return write_tokenizer(tok, out)
 
@@ -58,8 +56,6 @@ def main(argv: list[str] | None = None) -> None:
     except DataError as e:
         print(f"amuse-tokenizer: {e}", file=sys.stderr)
         raise SystemExit(2) from None
-    from amuse_dist.data.tokenizer import Encoder
-
     enc = Encoder(out)
     print(f"wrote {out}: vocab {enc.vocab_size}, bos {enc.bos_id}, eos {enc.eos_id}")
 

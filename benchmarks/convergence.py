@@ -67,6 +67,8 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Literal
 
+from amuse_dist.titan.launch import torchrun_command
+
 REPO = Path(__file__).resolve().parents[1]
 CONFIG = REPO / "train_configs" / "debug_cpu.toml"
 
@@ -321,22 +323,7 @@ def launch(dump: Path, args: list[str], nproc: int, gpu: bool, timeout: int) -> 
     if dump.exists():
         shutil.rmtree(dump)  # a killed attempt's event files would mix with this run's
     dump.mkdir(parents=True)
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--standalone",
-        "--nnodes=1",
-        f"--nproc_per_node={nproc}",
-        "--log-dir",
-        str(dump / "ranks"),
-        "--tee",
-        "3",
-        "--local-ranks-filter=0",
-        "-m",
-        "amuse_dist.train",
-        *args,
-    ]
+    cmd = torchrun_command(nproc, "-m", "amuse_dist.train", *args, log_dir=dump / "ranks")
     (dump / "command.txt").write_text(" ".join(cmd) + "\n")
     t0 = time.perf_counter()
     with open(dump / "train.log", "w") as f:

@@ -1,6 +1,6 @@
 """What one optimizer step costs: op counts, elementwise time, and owner-wise NS under FSDP2.
 
-Model shapes come from torchtitan's Llama 3 flavors (``amuse_dist.titan.train_spec.FLAVORS``):
+Model shapes come from torchtitan's Llama 3 flavors (``amuse_dist.titan.model.FLAVORS``):
 ``tiny`` = "tiny", ``debug`` = "debugmodel", ``124m`` = "124M", ``1.3b`` = "1.3B", ``8b`` = "8B".
 
 Sections (``--sections``, all by default), one process unless noted:
@@ -53,6 +53,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from amuse_dist.titan.launch import setup_device, torchrun_command
+
 OPTIMIZERS = ("amuse", "replicated", "muon", "adamw")
 SECTIONS = ("ops", "time", "dist", "plan", "memory")
 # Tiny arguments per section for tests/test_benchmarks.py (seconds each; figures not checked).
@@ -69,17 +71,15 @@ SMOKE = {
 THRESHOLDS = {2: 0.6, 4: 0.35}  # AMUSE NS time (max over ranks) / replicated's, acceptance
 ELEMENTWISE_LIMIT = 1.3  # AMUSE elementwise step / AdamW(foreach), 124m shapes (issue 10)
 
-# shape name -> torchtitan flavor (amuse_dist.titan.train_spec.FLAVORS); shapes derive from it
+# shape name -> torchtitan flavor (amuse_dist.titan.model.FLAVORS); shapes derive from it
 FLAVOR_OF = {"tiny": "tiny", "debug": "debugmodel", "124m": "124M", "1.3b": "1.3B", "8b": "8B"}
 FITS_ON_CPU = ("tiny", "debug", "124m", "1.3b")
 
 
 def flavor_args(shapes: str, n_layers: int | None = None) -> Any:
     """The torchtitan model args of ``shapes`` (optionally with another depth)."""
-    from amuse_dist.titan import launch
-
-    launch.setup_device()  # as every entry point does, before torchtitan is imported
-    from amuse_dist.titan.train_spec import FLAVORS
+    setup_device()  # as every entry point does, before torchtitan is imported
+    from amuse_dist.titan.model import FLAVORS
 
     args = FLAVORS[FLAVOR_OF[shapes]]
     return dataclasses.replace(args, n_layers=n_layers) if n_layers is not None else args
@@ -628,12 +628,8 @@ def launch(ws: int, args: argparse.Namespace, out: Path) -> dict[str, Any]:
     env = {**os.environ}
     if args.device == "cpu":
         env.update(OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="")
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--standalone",
-        f"--nproc_per_node={ws}",
+    cmd = torchrun_command(
+        ws,
         str(Path(__file__).resolve()),
         "--worker",
         "--out",
@@ -649,7 +645,8 @@ def launch(ws: int, args: argparse.Namespace, out: Path) -> dict[str, Any]:
         "--optimizers",
         *args.optimizers,
         *(["--sequential"] if args.sequential else []),
-    ]
+        rank0_output=False,
+    )
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=args.timeout)
     if proc.returncode != 0:
         sys.stderr.write(proc.stdout[-4000:] + proc.stderr[-8000:])

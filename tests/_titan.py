@@ -10,6 +10,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.distributed as dist
+
+from amuse_dist.titan import launch
 
 REPO = Path(__file__).resolve().parents[1]
 DEBUG_TOML = REPO / "train_configs" / "debug_cpu.toml"
@@ -32,38 +35,24 @@ def env(tmp: Path) -> dict[str, str]:
 
 def torchrun_cmd(nproc: int, *target: str) -> list[str]:
     """torchrun on one node with ``nproc`` ranks running ``target``; rank 0's output only."""
-    return [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--standalone",
-        "--nnodes=1",
-        f"--nproc_per_node={nproc}",
-        "--local-ranks-filter=0",
-        *target,
-    ]
+    return launch.torchrun_command(nproc, *target)
 
 
 def finish_worker(result: Any, out: str | Path) -> None:
     """The worker side of ``run_worker``: gather every rank's result, rank 0 saves the list to
     ``out``, all ranks leave together."""
-    import torch.distributed as dist
-
-    from amuse_dist.titan.launch import leave_process_group
-
     gathered: list[Any] = [None] * dist.get_world_size()
     dist.all_gather_object(gathered, result)
     if dist.get_rank() == 0:
         torch.save(gathered, out)
-    leave_process_group()
+    launch.leave_process_group()
 
 
 def run_worker(script: Path, nproc: int, args: list[str], out: Path, timeout: int = 300) -> Any:
     """Run a worker script on ``nproc`` gloo ranks; return what it saved to ``out`` (torch.save)."""
     e = env(out.parent)
     e["CUDA_VISIBLE_DEVICES"] = ""
-    cmd = torchrun_cmd(nproc, str(script), *args, "--out", str(out))
-    cmd.remove("--local-ranks-filter=0")  # a failing worker's traceback may be on any rank
+    cmd = launch.torchrun_command(nproc, str(script), *args, "--out", str(out), rank0_output=False)
     proc = subprocess.run(cmd, cwd=REPO, env=e, capture_output=True, text=True, timeout=timeout)
     if proc.returncode != 0:
         raise AssertionError(
@@ -234,7 +223,7 @@ def fresh_llama_losses(x_dir: Path, assets: Path, batches: int) -> tuple[float, 
     from torchtitan.models.llama3.model.state_dict_adapter import Llama3StateDictAdapter
     from transformers import LlamaForCausalLM
 
-    from amuse_dist.titan.train_spec import FLAVORS
+    from amuse_dist.titan.model import FLAVORS
 
     cfg = validation_config(assets, batches)
     args = FLAVORS["tiny"]

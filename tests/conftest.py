@@ -14,6 +14,27 @@ launch.setup_device()  # as every entry point does, before any test imports torc
 
 from tests._titan import run_args, torchrun  # noqa: E402
 
+TIERS = ("unit", "dist", "e2e")
+"""Every test has exactly one (pyproject.toml lists them): ``pytestmark`` for a module of one
+tier, a decorator per test in a mixed module."""
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Refuse a test without a tier or with two: ``make test-fast`` (``-m unit``) must not pick up
+    a process launch by accident, nor miss a test."""
+    bad = []
+    for item in items:
+        tiers = {m.name for m in item.iter_markers() if m.name in TIERS}
+        if len(tiers) != 1:
+            bad.append(f"{item.nodeid}: {sorted(tiers) or 'no tier'}")
+    if bad:
+        raise pytest.UsageError(
+            "each test needs exactly one of the markers "
+            + ", ".join(TIERS)
+            + ":\n  "
+            + "\n  ".join(bad)
+        )
+
 
 @pytest.fixture(scope="session", autouse=True)
 def _offline_hub(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:

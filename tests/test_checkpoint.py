@@ -34,6 +34,8 @@ from tests._titan import (
 )
 from tests._titan import STRAIGHT_STEPS as STEPS
 
+pytestmark = pytest.mark.e2e
+
 
 def test_checkpoint_layout(straight: Path) -> None:
     ckpt = straight / "checkpoint"
@@ -153,7 +155,7 @@ def test_killed_export_leaves_previous_checkpoint_intact(
     before = {p.name: p.stat().st_size for p in (dump / "checkpoint" / "step-10").rglob("*")}
     cmd = torchrun_cmd(
         2,
-        str(REPO / "tests" / "crash_export_worker.py"),
+        str(REPO / "tests" / "workers" / "crash_export_worker.py"),
         "20",
         *run_args(dump, assets, validation__enable=False),
     )

@@ -51,11 +51,13 @@ def debug_with(tmp_path: Path, **changes: Any) -> Path:
     return write_toml(tmp_path / "bad.toml", data)
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("path", CONFIGS, ids=[p.name for p in CONFIGS])
 def test_shipped_configs_are_valid(path: Path) -> None:
     validate_config(str(path))
 
 
+@pytest.mark.unit
 def test_paper_hyperparameters() -> None:
     """The AMUSE configs carry the spec's table."""
     expect = {  # flavor, T0, beta1, wd, clip, global batch, steps
@@ -77,7 +79,7 @@ def test_paper_hyperparameters() -> None:
             steps,
             512,
         )
-    from amuse_dist.titan.train_spec import FLAVORS
+    from amuse_dist.titan.model import FLAVORS
 
     for flavor, dims in {
         "124M": (768, 12, 12),
@@ -111,6 +113,7 @@ BAD = [
 ]
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("changes,needles", BAD, ids=[next(iter(c)) for c, _ in BAD])
 def test_bad_config_names_key(tmp_path: Path, changes: dict, needles: list[str]) -> None:
     with pytest.raises(ConfigError) as info:
@@ -119,12 +122,14 @@ def test_bad_config_names_key(tmp_path: Path, changes: dict, needles: list[str])
         assert needle in str(info.value), str(info.value)
 
 
+@pytest.mark.unit
 def test_sf_adamw_also_needs_constant_schedule(tmp_path: Path) -> None:
     bad = debug_with(tmp_path, optimizer__name="ScheduleFreeAdamW", lr_scheduler__decay_ratio=0.5)
     with pytest.raises(ConfigError, match=r"\[lr_scheduler\] decay_ratio = 0.5"):
         validate_config(str(bad))
 
 
+@pytest.mark.unit
 def test_all_errors_reported_at_once(tmp_path: Path) -> None:
     bad = debug_with(tmp_path, amuse__beta1=2.0, amuse__momentum=1.0)
     with pytest.raises(ConfigError) as info:
@@ -132,11 +137,13 @@ def test_all_errors_reported_at_once(tmp_path: Path) -> None:
     assert "[amuse] beta1" in str(info.value) and "[amuse] momentum" in str(info.value)
 
 
+@pytest.mark.unit
 def test_cli_override_is_validated() -> None:
     with pytest.raises(ConfigError, match=r"\[amuse\] rho = -1.0"):
         validate_config(str(DEBUG_TOML), ["--amuse.rho", "-1.0"])
 
 
+@pytest.mark.e2e
 def test_entry_point_fails_fast_without_process_group(tmp_path: Path) -> None:
     """The real entry point rejects a bad config (exit 2) before torch.distributed starts."""
     bad = debug_with(tmp_path, amuse__beta1=1.5)
@@ -153,6 +160,7 @@ def test_entry_point_fails_fast_without_process_group(tmp_path: Path) -> None:
     assert "init_process_group" not in proc.stderr
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize(
     "extra,needle",
     [
@@ -178,6 +186,7 @@ def test_prelaunch_checks_exit_2_before_any_process_group(
     assert "init_process_group" not in proc.stderr and "Starting job" not in proc.stderr
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize(
     "make,needle",
     [
@@ -193,6 +202,7 @@ def test_unreadable_config_file_is_named(tmp_path: Path, make, needle: str) -> N
     assert str(path) in str(info.value)
 
 
+@pytest.mark.unit
 def test_typo_gets_a_suggestion(tmp_path: Path) -> None:
     with pytest.raises(
         ConfigError, match=r'\[amuse\] betas_2: unknown key \(did you mean "betas2"\?\)'

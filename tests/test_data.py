@@ -19,6 +19,8 @@ from amuse_dist.data.shards import SplitReader, read_index
 from amuse_dist.data.tokenizer import BOS_TOKEN, EOS_TOKEN
 from tests._titan import DEBUG_TOML, REPO, env
 
+pytestmark = pytest.mark.unit
+
 MAX_BYTES = 400_000
 VOCAB = 1024
 

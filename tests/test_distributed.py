@@ -24,7 +24,7 @@ from benchmarks.model_shapes import llama3_muon_shapes
 from tests._titan import run_worker
 from tests.toy import HP, batch, loss_fn, make_model, rel
 
-WORKER = Path(__file__).parent / "dist_worker.py"
+WORKER = Path(__file__).parent / "workers" / "dist_worker.py"
 STEPS = 20
 N_MUON = 4  # up, mid, tiny, back
 
@@ -80,6 +80,7 @@ def check_against_single(
             assert torch.equal(other["params"][name], p)
 
 
+@pytest.mark.dist
 @pytest.mark.parametrize("nproc", [1, 2, 3, 4])
 def test_fsdp_amuse_matches_single_process(nproc: int, tmp_dir: str) -> None:
     ranks = _run("fsdp", nproc, "amuse", False, tmp_dir)
@@ -87,10 +88,12 @@ def test_fsdp_amuse_matches_single_process(nproc: int, tmp_dir: str) -> None:
     check_against_single(ranks, "amuse")
 
 
+@pytest.mark.dist
 def test_fsdp_amuse_exact_x_matches_single_process(tmp_dir: str) -> None:
     check_against_single(_run("fsdp", 3, "amuse", True, tmp_dir), "amuse", exact_x=True)
 
 
+@pytest.mark.dist
 @pytest.mark.parametrize("nproc", [2, 4])
 def test_each_matrix_orthogonalized_exactly_once(nproc: int, tmp_dir: str) -> None:
     ranks = _run("fsdp", nproc, "amuse", False, tmp_dir)
@@ -101,6 +104,7 @@ def test_each_matrix_orthogonalized_exactly_once(nproc: int, tmp_dir: str) -> No
     assert sum(len(log) for r in ranks for log in r["ns_logs"]) == N_MUON * STEPS
 
 
+@pytest.mark.dist
 def test_replicated_amuse_matches_single_process(tmp_dir: str) -> None:
     ranks = _run("replicated", 2, "amuse", False, tmp_dir)
     assert ranks[0]["placements"]["up.weight"] == "plain"
@@ -108,16 +112,19 @@ def test_replicated_amuse_matches_single_process(tmp_dir: str) -> None:
     assert sorted(i for r in ranks for i in r["ns_logs"][0]) == list(range(N_MUON))
 
 
+@pytest.mark.dist
 @pytest.mark.parametrize("nproc", [2, 3])
 def test_fsdp_muon_matches_single_process(nproc: int, tmp_dir: str) -> None:
     check_against_single(_run("fsdp", nproc, "muon", False, tmp_dir), "muon")
 
 
+@pytest.mark.dist
 def test_partial_is_refused_by_name(tmp_dir: str) -> None:
     error = _run("refuse", 2, "amuse", False, tmp_dir)[0]["partial"]
     assert "layers.0.attention.wq.weight" in error and "Partial" in error
 
 
+@pytest.mark.unit
 def test_interleaved_strided_shard_is_refused_by_name() -> None:
     # S(0) then _StridedShard(0, sf=2) gives mesh rank (0, 0) rows {0, 2}: not a rectangle
     with pytest.raises(ValueError, match="'w1'.*non-contiguous"):
@@ -125,7 +132,7 @@ def test_interleaved_strided_shard_is_refused_by_name() -> None:
 
 
 # ------------------------------------------------------------------ every mesh layout, 4 ranks
-MESH_WORKER = Path(__file__).parent / "mesh_worker.py"
+MESH_WORKER = Path(__file__).parent / "workers" / "mesh_worker.py"
 MESH_STEPS = 10
 LAYOUTS = ["fsdp", "hsdp", "tp", "fsdp_tp", "hsdp_per_replica"]
 
@@ -137,6 +144,7 @@ def meshes(tmp_dir: str) -> list:
     return run_worker(MESH_WORKER, 4, ["--suite", "meshes", "--steps", str(MESH_STEPS)], out)
 
 
+@pytest.mark.dist
 @pytest.mark.parametrize("optimizer", ["amuse", "muon"])
 @pytest.mark.parametrize("layout", LAYOUTS)
 def test_mesh_layouts_match_single_process(meshes: list, layout: str, optimizer: str) -> None:
@@ -154,6 +162,7 @@ def test_mesh_layouts_match_single_process(meshes: list, layout: str, optimizer:
     assert ranks[0]["params"]["tiny.weight"].shape[0] < 4
 
 
+@pytest.mark.dist
 @pytest.mark.parametrize("layout", LAYOUTS)
 def test_ns_runs_per_matrix_over_the_job(meshes: list, layout: str) -> None:
     once = 2 if layout == "hsdp_per_replica" else 1  # per_replica: once per replica group
@@ -164,6 +173,7 @@ def test_ns_runs_per_matrix_over_the_job(meshes: list, layout: str) -> None:
             assert done == sorted(list(range(N_MUON)) * once), (layout, step, done)
 
 
+@pytest.mark.dist
 def test_pipelined_waves_equal_unpipelined_bitwise(tmp_dir: str) -> None:
     out = Path(tmp_dir) / "pipeline.pt"
     ranks = run_worker(MESH_WORKER, 3, ["--suite", "pipeline", "--steps", "10"], out)
@@ -181,6 +191,7 @@ def hsdp_tasks(mesh: tuple[int, int]) -> list[MatrixTask]:
     return [MatrixTask(mesh_layout(s, mesh, (Replicate(), Shard(0)))) for s in shapes]
 
 
+@pytest.mark.unit
 def test_hsdp_split_8b_at_2x8_balanced_and_each_matrix_once() -> None:
     ns = NewtonSchulz(5, torch.bfloat16)
     tasks = hsdp_tasks((2, 8))
@@ -195,6 +206,7 @@ def test_hsdp_split_8b_at_2x8_balanced_and_each_matrix_once() -> None:
     assert set(traffic(per, tasks, ns.flops, 2).ns_runs.values()) == {2}
 
 
+@pytest.mark.unit
 def test_hsdp_default_mode_follows_the_cost_model() -> None:
     ns = NewtonSchulz(5, torch.bfloat16)
     tasks = hsdp_tasks((2, 8))
@@ -207,6 +219,7 @@ def llama3_8b_shapes() -> list[tuple[int, int]]:
     return llama3_muon_shapes("8B")
 
 
+@pytest.mark.unit
 def test_owner_balance_llama3_8b_at_8_ranks() -> None:
     costs = [ns_flops(*s) for s in llama3_8b_shapes()]
     owners = assign_owners(costs, 8)
@@ -215,6 +228,7 @@ def test_owner_balance_llama3_8b_at_8_ranks() -> None:
     assert assign_owners(costs, 8) == owners  # deterministic
 
 
+@pytest.mark.unit
 def test_owner_assignment_beats_round_robin_at_64() -> None:
     costs = [ns_flops(*s) for s in llama3_8b_shapes()]
     assert imbalance(costs, assign_owners(costs, 64), 64) <= 1.10

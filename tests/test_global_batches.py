@@ -17,6 +17,8 @@ from amuse_dist.titan.loaders.global_batches import (
     build_global_batch_dataloader,
 )
 
+pytestmark = pytest.mark.unit
+
 SEQ = 32
 STREAM = "jsonl_stream"  # a torchtitan text dataset over local jsonl files
 GBS = 6

@@ -97,6 +97,7 @@ def assert_x_close(a: Path, b: Path) -> None:
     assert max(far.values()) <= X_REL, sorted(far.items(), key=lambda kv: -kv[1])[:4]
 
 
+@pytest.mark.e2e
 def test_layouts_train_alike(hsdp: Path, fsdp_tp: Path) -> None:
     """Same init, same global batch: HSDP 2x2 and FSDP+TP 2x2 give the same losses, the same
     optimizer metrics (update RMS counts replicated pieces once) and validate at X and Y."""
@@ -118,11 +119,13 @@ def test_layouts_train_alike(hsdp: Path, fsdp_tp: Path) -> None:
     assert_x_close(hsdp / "checkpoint" / "step-8", fsdp_tp / "checkpoint" / "step-8")
 
 
+@pytest.mark.e2e
 def test_fsdp_tp_resume(fsdp_tp: Path, tmp_path: Path, assets: Path) -> None:
     got = resume(fsdp_tp, 6, tmp_path / "resumed", assets, 4, FSDP_TP, STEPS)
     assert_close(got, tb_by_step(fsdp_tp, LOSS), range(7, STEPS + 1), rel=1e-6)
 
 
+@pytest.mark.e2e
 def test_hsdp_to_fsdp_and_back(hsdp: Path, tmp_path: Path, assets: Path) -> None:
     """HSDP 2x2 step 3 resumes on 1-D FSDP 2 to step 6; that checkpoint resumes on HSDP 2x2 to
     step 8: every step's loss is the straight HSDP run's within 1e-5."""
@@ -134,6 +137,7 @@ def test_hsdp_to_fsdp_and_back(hsdp: Path, tmp_path: Path, assets: Path) -> None
     assert_x_close(hsdp / "checkpoint" / "step-8", back / "checkpoint" / "step-8")
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize("layout", ["hsdp", "fsdp_tp"])
 def test_x_export_loads_in_transformers(
     layout: str, request: pytest.FixtureRequest, tmp_path: Path, assets: Path
@@ -148,6 +152,7 @@ def test_x_export_loads_in_transformers(
     assert hf == pytest.approx(rows[0]["loss"], rel=1e-4), (hf, rows[0])
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize(
     ("override", "needles"),
     [
@@ -161,6 +166,7 @@ def test_pipeline_and_context_parallel_refused(override: str, needles: list[str]
     assert all(n in errors for n in needles), errors
 
 
+@pytest.mark.unit
 def test_degrees_checked_against_ranks() -> None:
     cfg = parse_job_config(["--job.config_file", str(DEBUG_TOML)])
     par = cfg.parallelism
@@ -178,6 +184,7 @@ def test_degrees_checked_against_ranks() -> None:
     assert "tensor_parallel_degree = 2" in err and "3 ranks" in err, err
 
 
+@pytest.mark.unit
 def test_row_pieces_of_each_layout() -> None:
     """The X export gathers q/k only when a row piece would cut a head: pieces per layout."""
     from torch.distributed.tensor import Partial, Replicate, Shard

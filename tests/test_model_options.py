@@ -46,6 +46,7 @@ def tied(tmp_path_factory: pytest.TempPathFactory, assets: Path) -> Path:
     return dump
 
 
+@pytest.mark.e2e
 def test_tied_run_trains_and_exports_one_embedding(tied: Path) -> None:
     loss = tb_by_step(tied, "loss_metrics/global_avg_loss")
     assert sorted(loss) == list(range(1, STEPS + 1))
@@ -66,6 +67,7 @@ def test_tied_run_trains_and_exports_one_embedding(tied: Path) -> None:
     assert meta["config"]["model"]["tie_embeddings"] is True
 
 
+@pytest.mark.e2e
 def test_tied_resume_is_bitwise_identical(tied: Path, tmp_path: Path, assets: Path) -> None:
     resumed = tmp_path / "resumed"
     shutil.copytree(tied / "checkpoint" / "step-5", resumed / "checkpoint" / "step-5")
@@ -81,6 +83,7 @@ def test_tied_resume_is_bitwise_identical(tied: Path, tmp_path: Path, assets: Pa
         assert torch.equal(xa[k], xb[k]), k
 
 
+@pytest.mark.e2e
 def test_tied_export_in_transformers_matches_amuse_eval(
     tied: Path, tmp_path: Path, assets: Path
 ) -> None:
@@ -112,7 +115,7 @@ def test_tied_export_in_transformers_matches_amuse_eval(
 def _model(*overrides: str) -> torch.nn.Module:
     """The tiny flavor built as the trainer builds it (config -> model args), on CPU."""
     from amuse_dist.titan.config import parse_job_config
-    from amuse_dist.titan.train_spec import FLAVORS, AmuseTransformer, init_params
+    from amuse_dist.titan.model import FLAVORS, AmuseTransformer, init_params
 
     cfg = parse_job_config(["--job.config_file", str(DEBUG_TOML), *overrides])
     args = copy.deepcopy(FLAVORS["tiny"])  # update_from_config changes it in place
@@ -123,6 +126,7 @@ def _model(*overrides: str) -> torch.nn.Module:
     return model
 
 
+@pytest.mark.unit
 def test_authors_init_std_and_rope() -> None:
     from torchtitan.models.llama3.model.model import precompute_freqs_cis
 
@@ -147,6 +151,7 @@ def test_authors_init_std_and_rope() -> None:
     )
 
 
+@pytest.mark.unit
 def test_tied_model_has_one_parameter() -> None:
     model = _model("--model.tie_embeddings", "--model.init_std", "0.02")
     assert model.output.weight is model.tok_embeddings.weight
@@ -154,6 +159,7 @@ def test_tied_model_has_one_parameter() -> None:
     assert "output.weight" not in names and "tok_embeddings.weight" in names
 
 
+@pytest.mark.unit
 def test_bad_model_options_name_the_key(tmp_path: Path) -> None:
     from amuse_dist.titan.config import ConfigError, validate_config
 

@@ -12,6 +12,8 @@ from tests.reference_amuse import ReferenceAMUSE
 from tests.toy import HP as TOY_HP
 from tests.toy import batch, loss_fn, make_model, rel
 
+pytestmark = pytest.mark.unit
+
 HP = dict(TOY_HP, warmup_steps=10)
 
 

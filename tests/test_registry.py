@@ -31,6 +31,7 @@ RANGE_CASES = [
 ]
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize(
     "spec,key,bad", RANGE_CASES, ids=[f"{s.section}.{k}" for s, k, _ in RANGE_CASES]
 )
@@ -47,6 +48,7 @@ def test_ranges_from_the_dataclass_on_both_paths(
     spec.build(make_model(), 0.01, spec.hparams())
 
 
+@pytest.mark.unit
 def test_defaults_live_once() -> None:
     """The constructors' defaults are the dataclasses' (no second copy to drift)."""
     import inspect
@@ -59,6 +61,7 @@ def test_defaults_live_once() -> None:
             assert sig.parameters[key].default == value, (spec, key)
 
 
+@pytest.mark.unit
 def test_names_are_case_insensitive_with_a_clear_list() -> None:
     assert registry.get("amuse").name == "AMUSE"
     assert validate_config(str(DEBUG_TOML), ["--optimizer.name", "adamw"]).optimizer.name == "AdamW"
@@ -67,11 +70,13 @@ def test_names_are_case_insensitive_with_a_clear_list() -> None:
     assert "ScheduleFreeAdamW" in str(info.value)
 
 
+@pytest.mark.unit
 def test_optimizer_keys_the_chosen_optimizer_would_ignore() -> None:
     with pytest.raises(ConfigError, match=r"\[optimizer\] weight_decay = 0.2: not read by AMUSE"):
         validate_config(str(DEBUG_TOML), ["--optimizer.weight_decay", "0.2"])
 
 
+@pytest.mark.e2e
 def test_toy_optimizer_registered_from_a_test_trains_checkpoints_and_exports(
     tmp_path: Path, assets: Path
 ) -> None:

@@ -62,12 +62,14 @@ def _copy_steps(straight: Path, dump: Path, *steps: int) -> None:
 
 
 # ------------------------------------------------------------------------------ paths confined
+@pytest.mark.unit
 @pytest.mark.parametrize("bad", [".", "..", "../x", "/tmp/x", "a/b", "", "step-3", META_FILE])
 def test_export_folder_must_be_one_name_inside_the_step(bad: str, tmp_path: Path) -> None:
     with pytest.raises(RunError, match="export_folder"):
         export_dir(tmp_path / "step-1", bad)
 
 
+@pytest.mark.unit
 def test_export_folder_symlink_out_is_refused(tmp_path: Path) -> None:
     step = tmp_path / "step-1"
     step.mkdir()
@@ -77,12 +79,13 @@ def test_export_folder_symlink_out_is_refused(tmp_path: Path) -> None:
     assert check_export_folder("x") == "x"
 
 
+@pytest.mark.unit
 def test_config_errors_exit_2_before_launch(
     tmp_path: Path, assets: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     """export_folder climbing out of the step folder and a validation seq_len beyond the
     training one: both named, exit 2, before any process group; nothing is created."""
-    from amuse_dist.train import main as train_main
+    from amuse_dist.titan.run import train as train_main
 
     dump = tmp_path / "never"
     args = run_args(dump, assets, anytime__export_folder="../x", validation__seq_len=512)
@@ -96,6 +99,7 @@ def test_config_errors_exit_2_before_launch(
 
 
 # ------------------------------------------------------------------------------ one run per folder
+@pytest.mark.e2e
 def test_busy_folder_rollback_run_assets_and_applied_lr(
     straight: Path, tmp_path: Path, assets: Path
 ) -> None:
@@ -178,6 +182,7 @@ def test_busy_folder_rollback_run_assets_and_applied_lr(
 
 
 # ------------------------------------------------------------------------------ divergence
+@pytest.mark.e2e
 def test_diverging_run_stops_and_keeps_its_last_finite_checkpoint(
     tmp_path: Path, assets: Path
 ) -> None:
@@ -221,6 +226,7 @@ def test_diverging_run_stops_and_keeps_its_last_finite_checkpoint(
 
 
 # ------------------------------------------------------------------------------ resume contract
+@pytest.mark.e2e
 def test_resume_refuses_unsafe_changes_and_untrusted_folders(
     straight: Path, tmp_path: Path, assets: Path
 ) -> None:
@@ -247,6 +253,7 @@ def _truncate(path: Path, keep: int) -> Path:
     return path
 
 
+@pytest.mark.unit
 def test_amuse_eval_says_checkpoints_must_be_trusted(capsys: pytest.CaptureFixture[str]) -> None:
     from amuse_dist.eval import parse_args
 
@@ -259,6 +266,7 @@ def test_amuse_eval_says_checkpoints_must_be_trusted(capsys: pytest.CaptureFixtu
     assert "must be trusted" in docs and "What survives what" in docs
 
 
+@pytest.mark.e2e
 def test_unclear_message_table(
     straight: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

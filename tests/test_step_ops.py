@@ -18,6 +18,8 @@ from benchmarks.optimizer_step import ops_per_step
 from tests.reference_amuse import ns5
 from tests.toy import batch, loss_fn, make_model
 
+pytestmark = pytest.mark.unit
+
 HP = dict(lr=0.02, warmup_steps=4, beta1=0.6, rho=0.8, momentum=0.95, weight_decay=0.05)
 SYNC_OPS = {"aten::item", "aten::_local_scalar_dense"}
 

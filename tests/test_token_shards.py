@@ -66,6 +66,7 @@ def prepared(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 
 
 # ------------------------------------------------------------------------------ format + prepare
+@pytest.mark.unit
 def test_prepare_mixed_folder(prepared: dict[str, Path]) -> None:
     index = read_index(prepared["shards"])
     enc = Encoder(prepared["tokenizer"])
@@ -89,6 +90,7 @@ def test_prepare_mixed_folder(prepared: dict[str, Path]) -> None:
     assert seqs.shape == (5, SEQ + 1) and int(seqs.max()) < enc.vocab_size
 
 
+@pytest.mark.unit
 def test_order_does_not_depend_on_processes(prepared: dict[str, Path], tmp_path: Path) -> None:
     other = tmp_path / "shards2"
     prepare(
@@ -106,6 +108,7 @@ def test_order_does_not_depend_on_processes(prepared: dict[str, Path], tmp_path:
             assert (prepared["shards"] / s["file"]).read_bytes() == (other / s["file"]).read_bytes()
 
 
+@pytest.mark.unit
 def test_rerun_is_a_noop_and_other_settings_are_refused(prepared: dict[str, Path]) -> None:
     shards = prepared["shards"]
     before = {p.name: p.stat().st_mtime_ns for p in shards.iterdir()}
@@ -118,6 +121,7 @@ def test_rerun_is_a_noop_and_other_settings_are_refused(prepared: dict[str, Path
     assert {p.name: p.stat().st_mtime_ns for p in shards.iterdir()} == before
 
 
+@pytest.mark.unit
 def test_tokenizer_folder_matches_training_in_transformers(prepared: dict[str, Path]) -> None:
     from torchtitan.components.tokenizer import HuggingFaceTokenizer
     from transformers import AutoTokenizer
@@ -146,6 +150,7 @@ def _cli(module: str, *args: str, tmp_path: Path) -> subprocess.CompletedProcess
     )
 
 
+@pytest.mark.unit
 def test_prepare_bad_input_exit_2_and_nothing_left(
     prepared: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -181,9 +186,10 @@ def _job_config(prepared: dict[str, Path], shards: Path, tokenizer: Path | None 
     )
 
 
+@pytest.mark.unit
 def test_bad_shards_tokenizer_and_vocab(prepared: dict[str, Path], tmp_path: Path) -> None:
     from amuse_dist.titan.loaders.token_shards import check_job_config
-    from amuse_dist.titan.train_spec import model_vocab_size
+    from amuse_dist.titan.model import model_vocab_size
     from amuse_dist.tokenizer import train
 
     vocab = model_vocab_size(_job_config(prepared, prepared["shards"]))
@@ -220,6 +226,7 @@ def test_bad_shards_tokenizer_and_vocab(prepared: dict[str, Path], tmp_path: Pat
     assert "vocab_size 300" in errors[0]
 
 
+@pytest.mark.unit
 def test_local_text_names_a_non_utf8_file(prepared: dict[str, Path], tmp_path: Path) -> None:
     from amuse_dist.titan.config import parse_job_config
     from amuse_dist.titan.loaders.datasets import resolve_datasets
@@ -269,6 +276,7 @@ def _eval(step_dir: Path, nproc: int, tmp_path: Path) -> float:
     return row["loss"]
 
 
+@pytest.mark.e2e
 def test_train_resume_on_1_and_3_ranks_and_eval_on_any(
     prepared: dict[str, Path], tmp_path: Path
 ) -> None:
@@ -307,6 +315,7 @@ def test_train_resume_on_1_and_3_ranks_and_eval_on_any(
         assert _eval(step4, nproc, tmp_path) == pytest.approx(val[4], abs=1e-5), nproc
 
 
+@pytest.mark.e2e
 def test_demo_checkpoint_evaluates_the_same_on_1_2_3_ranks(straight: Path, tmp_path: Path) -> None:
     """debug_cpu.toml as shipped (the built-in corpus, read as token shards), trained on 2 ranks:
     amuse-eval of its step-20 checkpoint with the run's own validation settings gives the
@@ -321,6 +330,7 @@ def test_demo_checkpoint_evaluates_the_same_on_1_2_3_ranks(straight: Path, tmp_p
         assert loss == pytest.approx(val[20], abs=1e-5), (nproc, losses, val[20])
 
 
+@pytest.mark.e2e
 def test_trainer_refuses_a_tokenizer_mismatch_before_starting(
     prepared: dict[str, Path], tmp_path: Path
 ) -> None:
@@ -339,6 +349,7 @@ def test_trainer_refuses_a_tokenizer_mismatch_before_starting(
     assert not (dump / "checkpoint").exists()
 
 
+@pytest.mark.unit
 def test_prepare_from_a_streamed_hf_dataset(prepared: dict[str, Path], tmp_path: Path) -> None:
     """The HF path (streaming, text field, document cap), offline on a local dataset folder."""
     out = tmp_path / "hf_shards"

@@ -11,6 +11,8 @@ import torch
 
 from tests._titan import debug_args, tb_by_step, tb_scalars, torchrun
 
+pytestmark = pytest.mark.e2e
+
 
 @pytest.fixture(scope="module")
 def amuse_run(straight: Path) -> tuple[Path, dict]:

@@ -35,6 +35,7 @@ def _x(straight: Path) -> Path:
 
 
 # ----------------------------------------------------------------------------- the X export
+@pytest.mark.e2e
 def test_x_export_loads_in_transformers_from_the_folder_alone(
     straight: Path, assets: Path, tmp_path: Path
 ) -> None:
@@ -122,6 +123,7 @@ metadata:
 """
 
 
+@pytest.mark.e2e
 def test_lm_eval_hflm_on_an_export(straight: Path, tmp_path: Path) -> None:
     pytest.importorskip("lm_eval")
     from lm_eval.models.huggingface import HFLM
@@ -164,6 +166,7 @@ def kept(tmp_path_factory: pytest.TempPathFactory, assets: Path) -> tuple[Path, 
     return dump, proc.stdout + proc.stderr
 
 
+@pytest.mark.e2e
 def test_keep_latest_k_keeps_every_export_unless_asked(kept: tuple[Path, str]) -> None:
     from amuse_dist.eval import find_targets
     from amuse_dist.titan.checkpoint import AnytimeCheckpointManager, complete_steps
@@ -198,6 +201,7 @@ def test_keep_latest_k_keeps_every_export_unless_asked(kept: tuple[Path, str]) -
     assert complete_steps(copy) == [6]
 
 
+@pytest.mark.e2e
 def test_progress_line_and_run_records(kept: tuple[Path, str]) -> None:
     from amuse_dist.titan.config import check_toml, parse_job_config
     from amuse_dist.titan.cpu import CPU_NOTE
@@ -229,6 +233,7 @@ def test_progress_line_and_run_records(kept: tuple[Path, str]) -> None:
     assert again.anytime.export_y is True and again.job.dump_folder == str(dump.resolve())
 
 
+@pytest.mark.unit
 def test_progress_text() -> None:
     from amuse_dist.titan.metrics import progress_text
 
@@ -240,6 +245,7 @@ def test_progress_text() -> None:
     assert progress_text(1, 100, 0, 1.0, rate=None, bar=False)[1].endswith("eta ?")
 
 
+@pytest.mark.e2e
 def test_amuse_plot(straight: Path, kept: tuple[Path, str], tmp_path: Path) -> None:
     from amuse_dist.plot import TOKENS, VAL_X, main, read_scalars
 
@@ -269,6 +275,7 @@ exit 0
 """
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize("installed", ["2.7.1+cu128", ""])
 def test_make_install_keeps_an_installed_torch(tmp_path: Path, installed: str) -> None:
     fake = tmp_path / "python"

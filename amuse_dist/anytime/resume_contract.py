@@ -11,15 +11,20 @@ metadata of their hyper-parameter dataclasses. A resume compares the checkpoint'
   section.key``, or a fresh optimizer from the weights via ``checkpoint.initial_load_path``).
 
 Keys not listed (model shape, optimizer name, data) are checked elsewhere (checkpoint shapes and
-optimizer-state signatures) or do not touch the saved state. Imports nothing from torchtitan.
+optimizer-state signatures) or do not touch the saved state.
+
+Imports neither torchtitan nor torch: the optimizers' sections are passed in by the caller as
+``{section: hyper-parameter dataclass}`` (``amuse_dist.optim.registry.hparam_sections()``); their
+metadata is read with ``amuse_dist.optim.hparams`` (stdlib only).
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from amuse_dist.optim import hparams, registry
+from amuse_dist.optim import hparams
 
 CHANGEABLE, REFUSED = "changeable", "refused"
 
@@ -45,15 +50,14 @@ TITAN_CONTRACT: dict[tuple[str, str], tuple[str, str]] = {
 }
 
 
-def contract() -> dict[tuple[str, str], tuple[str, str]]:
-    """The whole contract: torchtitan's keys, and every registered optimizer's section as its
-    hyper-parameter dataclass says (one source: the field metadata)."""
+def contract(sections: Mapping[str, type]) -> dict[tuple[str, str], tuple[str, str]]:
+    """The whole contract: torchtitan's keys, and each optimizer section of ``sections``
+    ({section: hyper-parameter dataclass}) as its dataclass says (one source: the field
+    metadata)."""
     out = dict(TITAN_CONTRACT)
-    for spec in registry.specs():
-        if spec.section is None or spec.hparams is None:
-            continue
-        for key, (policy, why) in hparams.on_resume(spec.hparams).items():
-            out[(spec.section, key)] = (REFUSED if policy == "refuse" else CHANGEABLE, why)
+    for section, cls in sections.items():
+        for key, (policy, why) in hparams.on_resume(cls).items():
+            out[(section, key)] = (REFUSED if policy == "refuse" else CHANGEABLE, why)
     return out
 
 
@@ -71,10 +75,13 @@ class Change:
         return f"[{self.section}] {self.key}"
 
 
-def changes(saved: dict[str, Any], new: dict[str, Any]) -> list[Change]:
-    """Every contract key whose value differs between two ``dataclasses.asdict`` configs."""
+def changes(
+    saved: dict[str, Any], new: dict[str, Any], sections: Mapping[str, type]
+) -> list[Change]:
+    """Every contract key whose value differs between two ``dataclasses.asdict`` configs
+    (``sections``: the optimizers' hyper-parameter dataclasses, see ``contract``)."""
     out = []
-    for (section, key), (policy, why) in contract().items():
+    for (section, key), (policy, why) in contract(sections).items():
         s, n = saved.get(section, {}), new.get(section, {})
         if key not in s or key not in n:
             continue

@@ -71,6 +71,11 @@ def specs() -> list[OptimizerSpec]:
     return list(_REGISTRY.values())
 
 
+def hparam_sections() -> dict[str, type]:
+    """{TOML section: hyper-parameter dataclass} of every registered optimizer that has one."""
+    return {s.section: s.hparams for s in _REGISTRY.values() if s.section and s.hparams}
+
+
 def find(name: str) -> OptimizerSpec | None:
     """The spec named ``name`` in any letter case, or None."""
     return _REGISTRY.get(str(name).lower())

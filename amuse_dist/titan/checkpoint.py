@@ -45,6 +45,8 @@ from amuse_dist.anytime.run_format import (
     write_meta,
 )
 from amuse_dist.optim import registry
+from amuse_dist.titan.dist_util import barrier as _barrier
+from amuse_dist.titan.dist_util import rank as _rank
 
 __all__ = [
     "META_FILE",
@@ -55,15 +57,6 @@ __all__ = [
     "guess_optimizer",
     "read_meta",
 ]
-
-
-def _rank() -> int:
-    return dist.get_rank() if dist.is_initialized() else 0
-
-
-def _barrier() -> None:
-    if dist.is_initialized():
-        dist.barrier()
 
 
 def _state_suffixes(keys: set[str], prefix: str = "optimizer.state.") -> dict[str, set[str]]:
@@ -244,7 +237,7 @@ class AnytimeCheckpointManager(CheckpointManager):
         new = self.meta.get("config")
         if not saved or not new:
             return []
-        changed = resume_contract.changes(saved, new)
+        changed = resume_contract.changes(saved, new, registry.hparam_sections())
         refused = [
             c
             for c in changed

@@ -11,6 +11,7 @@ import difflib
 import importlib
 import math
 import os
+import sys
 import types
 import typing
 from dataclasses import dataclass, field, make_dataclass
@@ -21,6 +22,7 @@ try:
 except ModuleNotFoundError:  # python < 3.11
     import tomli as tomllib  # type: ignore[no-redef]
 
+from amuse_dist.anytime.run_format import RunError, check_export_folder
 from amuse_dist.optim import hparams, registry
 from amuse_dist.titan.loaders import datasets as dataset_table
 
@@ -104,14 +106,12 @@ def _choice_sections() -> list[tuple[str, type, Any]]:
     """``[optimizer] name``, ``[model] flavor`` and the dataset keys with their valid values as
     types (torchtitan merges same-named sections), so ``--help`` lists the choices and a wrong
     value names them. Empty where torchtitan has not been imported (nothing to merge into)."""
-    import sys
-
     if "torchtitan" not in sys.modules:
         return []
     from torchtitan.hf_datasets.text_datasets import DATASETS
 
     from amuse_dist.titan.loaders import hub
-    from amuse_dist.titan.train_spec import FLAVORS
+    from amuse_dist.titan.model import FLAVORS
 
     hub.register_datasets()
     datasets = sorted(set(DATASETS) | set(dataset_table.names()))
@@ -354,8 +354,6 @@ def check_values(cfg: Any, explicit: set[tuple[str, str]] = frozenset()) -> list
     if v.enable and v.freq < 1:
         errors.append(f"[validation] freq = {v.freq}: expected an int >= 1")
     if cfg.anytime.export_x:
-        from amuse_dist.anytime.run_format import RunError, check_export_folder
-
         try:
             check_export_folder(cfg.anytime.export_folder)
         except RunError as e:
@@ -366,7 +364,7 @@ def check_values(cfg: Any, explicit: set[tuple[str, str]] = frozenset()) -> list
             f"{cfg.training.seq_len} (the model's context is the training sequence length)"
         )
     if dataset_table.uses_builtin(cfg) and cfg.model.name == "llama3_amuse":
-        from amuse_dist.titan.train_spec import FLAVORS
+        from amuse_dist.titan.model import FLAVORS
 
         flavor = FLAVORS.get(cfg.model.flavor)
         if flavor is not None and cfg.local_data.vocab_size > flavor.vocab_size:
@@ -376,7 +374,7 @@ def check_values(cfg: Any, explicit: set[tuple[str, str]] = frozenset()) -> list
             )
     errors += check_parallelism(cfg.parallelism)
     if cfg.model.name == "llama3_amuse":
-        from amuse_dist.titan.train_spec import FLAVORS
+        from amuse_dist.titan.model import FLAVORS
 
         if cfg.model.flavor not in FLAVORS:
             errors.append(

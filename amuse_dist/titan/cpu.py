@@ -11,10 +11,13 @@ from __future__ import annotations
 import logging
 import os
 import re
+import resource
 import sys
+import warnings
 from typing import Any
 
 import torch
+from torch.distributed.fsdp import FSDPModule
 
 _CPU: bool | None = None
 
@@ -57,8 +60,6 @@ class CpuDeviceModule:
     @staticmethod
     def memory_stats(device: Any = None) -> dict[str, int]:
         """Peak resident set size of this process stands in for CUDA's peak allocations."""
-        import resource
-
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
         return {"active_bytes.all.peak": peak, "reserved_bytes.all.peak": peak}
 
@@ -118,8 +119,6 @@ def setup_device() -> str:
 def force_sum_reduction(model: torch.nn.Module) -> None:
     """Gloo has no PREMUL_SUM; torchtitan's loss is already divided by global tokens, so a
     plain sum reduction of gradients is exactly what it wants."""
-    from torch.distributed.fsdp import FSDPModule
-
     for m in model.modules():
         if isinstance(m, FSDPModule):
             m.set_force_sum_reduction_for_comms(True)
@@ -138,7 +137,7 @@ _NOISY_LOGS = (
 )
 _NOISY_WARNINGS = (
     # DTensor has no RNG tracker on CPU meshes: amuse_dist initialises the full model from one
-    # seed and loads each rank's shard (train_spec.AmuseTransformer.init_weights)
+    # seed and loads each rank's shard (model.AmuseTransformer.init_weights)
     (r"DTensor random operators may not have complete support on cpu", True),
     (r"DTensor manual_seed\(\) may not have complete support on cpu", True),
     # the same init casts a throwaway model (with its complex RoPE table) to the param dtype;
@@ -167,8 +166,6 @@ def quiet_known_noise() -> None:
 
     On CPU, one info line explains what was silenced and that MFU is meaningless.
     """
-    import warnings
-
     cpu = on_cpu()
     root = logging.getLogger()
     if any(isinstance(f, _DropNoise) for f in root.filters):

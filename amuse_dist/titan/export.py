@@ -21,7 +21,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint import HuggingFaceStorageWriter
 
@@ -33,17 +32,10 @@ from amuse_dist.anytime.run_format import (
     is_complete_export,
     publish,
 )
+from amuse_dist.titan.dist_util import barrier as _barrier
+from amuse_dist.titan.dist_util import rank as _rank
 
 __all__ = ["EXPORT_MARKER", "export_hf", "hf_llama_config", "is_complete_export", "load_hf_export"]
-
-
-def _rank() -> int:
-    return dist.get_rank() if dist.is_initialized() else 0
-
-
-def _barrier() -> None:
-    if dist.is_initialized():
-        dist.barrier()
 
 
 def llama3_rope_parameters(rope: Any, theta: float, max_position_embeddings: int) -> dict[str, Any]:

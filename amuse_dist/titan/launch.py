@@ -6,7 +6,9 @@ benchmarks and tests share.
 - ``offline_hub_defaults()`` so a job whose data and tokenizer are local never reaches a hub,
   whether it was started as ``python -m`` or as a console script;
 - ``single_process_env()`` so an entry point works without torchrun (one rank);
-- ``leave_process_group()`` so every rank leaves together and without an abort at exit.
+- ``leave_process_group()`` so every rank leaves together and without an abort at exit;
+- ``torchrun_command()``: the one torchrun command line the tests, the benchmarks and the
+  convergence study launch ranks with.
 
 This module imports neither torch.distributed nor torchtitan at import time.
 """
@@ -20,6 +22,28 @@ from collections.abc import Iterable
 from typing import Any
 
 from amuse_dist.titan.loaders.datasets import is_offline
+
+
+def torchrun_command(
+    nproc: int,
+    *target: str,
+    rank0_output: bool = True,
+    log_dir: str | os.PathLike[str] | None = None,
+    python: str = sys.executable,
+) -> list[str]:
+    """torchrun on one node (``--standalone``) with ``nproc`` ranks running ``target`` (a script
+    and its arguments, or ``-m module ...``), as this interpreter's ``torch.distributed.run``.
+
+    ``rank0_output``: only rank 0 prints (a failing worker's traceback may be on any rank: off
+    for workers); ``log_dir``: every rank's output also goes to files there (``--tee 3``).
+    """
+    cmd = [python, "-m", "torch.distributed.run", "--standalone", "--nnodes=1"]
+    cmd.append(f"--nproc_per_node={nproc}")
+    if log_dir is not None:
+        cmd += ["--log-dir", str(log_dir), "--tee", "3"]
+    if rank0_output:
+        cmd.append("--local-ranks-filter=0")
+    return [*cmd, *target]
 
 
 def setup_device() -> str:

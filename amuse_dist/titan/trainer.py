@@ -28,12 +28,12 @@ from amuse_dist.anytime.run_format import (
     export_dir,
     run_tokenizer_dir,
 )
+from amuse_dist.optim.averaged import averaged_weights, weights_swapped
 from amuse_dist.optim.names import named_parameters
 from amuse_dist.optim.protocols import averaging
-from amuse_dist.titan import train_spec
+from amuse_dist.titan import spec as train_spec
 from amuse_dist.titan.checkpoint import AnytimeCheckpointManager
 from amuse_dist.titan.export import export_hf
-from amuse_dist.titan.validator import averaged_weights, weights_swapped
 
 
 class AmuseTrainer(Trainer):
@@ -50,8 +50,7 @@ class AmuseTrainer(Trainer):
         if job_config.anytime.export_x:
             check_export_folder(job_config.anytime.export_folder)
         record_run = not evaluating
-        train_spec.set_job_config(job_config)
-        train_spec.register()
+        train_spec.register(job_config)
         self._log_handler = start_run_log(job_config.job.dump_folder) if record_run else None
         super().__init__(job_config)
         if record_run and dist.get_rank() == 0:

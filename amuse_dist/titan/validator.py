@@ -9,63 +9,18 @@ evaluation (X, Y, any step) sees the same batches.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from contextlib import contextmanager
 from typing import Any
 
 import torch
 import torch.nn as nn
-from torch.distributed.fsdp import FSDPModule
 from torchtitan.components.loss import IGNORE_INDEX
 from torchtitan.components.validate import BaseValidator, Validator
 from torchtitan.distributed import utils as dist_utils
 from torchtitan.tools import utils
 from torchtitan.tools.logging import logger
 
-from amuse_dist.distributed.layout import local_view
-from amuse_dist.optim.protocols import averaging
+from amuse_dist.optim.averaged import averaged_weights, reshard, weights_swapped
 from amuse_dist.titan.loaders.token_shards import build_validation_dataloader
-
-
-def averaged_weights(optimizers: Any) -> dict[torch.Tensor, torch.Tensor]:
-    """{param: X} from every optimizer of a container that averages (AMUSE, SF-AdamW)."""
-    out: dict[torch.Tensor, torch.Tensor] = {}
-    for opt in averaging(optimizers):
-        out.update(opt.x_tensors())
-    return out
-
-
-def reshard(model_parts: list[nn.Module]) -> None:
-    for model in model_parts:
-        for module in model.modules():
-            if isinstance(module, FSDPModule):
-                module.reshard()
-
-
-@contextmanager
-def weights_swapped(
-    model_parts: list[nn.Module], new: dict[torch.Tensor, torch.Tensor]
-) -> Iterator[None]:
-    """Temporarily load ``new[p]`` into each parameter p (local shards), restoring exactly.
-
-    ``new`` is used as the swap buffer (it holds Y while inside), so the extra memory is one
-    parameter at a time.
-    """
-    reshard(model_parts)
-    params = [p for m in model_parts for p in m.parameters() if p in new]
-    with torch.no_grad():
-        for p in params:
-            y, x = local_view(p), local_view(new[p])
-            tmp = y.clone()
-            y.copy_(x)
-            x.copy_(tmp)
-    try:
-        yield
-    finally:
-        reshard(model_parts)
-        with torch.no_grad():
-            for p in params:
-                local_view(p).copy_(local_view(new[p]))
 
 
 class AnytimeValidator(Validator):

@@ -21,18 +21,15 @@ launch.setup_device()  # before anything imports torchtitan
 import torch.distributed as dist  # noqa: E402
 from torchtitan.tools.logging import init_logger  # noqa: E402
 
-from amuse_dist.titan import cpu, train_spec  # noqa: E402
+from amuse_dist.titan import cpu  # noqa: E402
 from amuse_dist.titan.config import load_job_config  # noqa: E402
-from amuse_dist.titan.token_shards import check_job_config  # noqa: E402
+from amuse_dist.titan.run import checked_config  # noqa: E402
 from amuse_dist.titan.trainer import AmuseTrainer  # noqa: E402
 from tests._titan import finish_worker  # noqa: E402
 
 
 def run(args: list[str]) -> Path:
-    config = load_job_config(args)
-    errors = check_job_config(config)
-    if errors:
-        raise RuntimeError("; ".join(errors))
+    config, _ = checked_config(args)  # as amuse-train checks it, before start-up
     trainer = AmuseTrainer(config)
     try:
         trainer.train()
@@ -48,7 +45,6 @@ def main() -> None:
     a = p.parse_args()
     init_logger()
     cpu.quiet_known_noise()
-    train_spec.register()
     launch.single_process_env()
     results: dict[str, str | None] = {}
     for job in json.loads(Path(a.jobs).read_text()):

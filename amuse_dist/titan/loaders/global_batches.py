@@ -36,12 +36,8 @@ from torchtitan.config import JobConfig
 from torchtitan.hf_datasets.text_datasets import HuggingFaceTextDataset
 from torchtitan.tools.logging import logger
 
-STATE_KEY = "global"
-"""The one state-dict key, the same on every rank (torchtitan's loader uses ``dp_rank_<r>``)."""
-
-_STATE_VERSION = 1
-
-Batch = tuple[dict[str, torch.Tensor], torch.Tensor]
+from amuse_dist.titan.loaders.state import STATE_KEY, Batch
+from amuse_dist.titan.loaders.state import STATE_VERSION as _STATE_VERSION
 
 
 def resolve_global_batch_size(global_batch_size: int, local_batch_size: int, dp: int) -> int:

@@ -46,15 +46,12 @@ from amuse_dist.titan.loaders.global_batches import (
     build_global_batch_dataloader,
     resolve_global_batch_size,
 )
+from amuse_dist.titan.loaders.state import STATE_KEY, Batch
+from amuse_dist.titan.loaders.state import STATE_VERSION as _STATE_VERSION
 
-STATE_KEY = "global"
-"""The one state-dict key, the same bytes on every rank (DCP keeps one copy)."""
-_STATE_VERSION = 1
 TRACE_ENV = "AMUSE_DATA_TRACE"
 """A folder: each rank appends ``trace-rank<r>.jsonl`` with the global sequences it consumed (and
 a hash of their tokens) per micro-batch. A debugging aid; the resharding tests use it."""
-
-Batch = tuple[dict[str, torch.Tensor], torch.Tensor]
 
 
 # ------------------------------------------------------------------------------------ checks

@@ -1,31 +1,25 @@
-"""The "llama3_amuse" train spec: torchtitan's Llama 3 plus the paper's model sizes and model
-options (tied embeddings, init std, RoPE theta), the AMUSE/Muon/SF-AdamW optimizers, optimizer
-metrics, and the CPU fixes for FSDP on gloo."""
+"""The "llama3_amuse" model: torchtitan's Llama 3 plus the paper's model sizes (FLAVORS) and the
+model options (tied embeddings, init std, RoPE theta), with an init that does not depend on the
+world size on CPU.
 
-import contextlib
+A leaf: it imports nothing of ``amuse_dist.titan`` but ``cpu``, so the loaders, the config checks
+and amuse-eval read FLAVORS without pulling in the train spec (``titan.spec``), the FSDP layout
+(``titan.parallelize``) or the optimizers.
+"""
+
 import dataclasses
-from collections.abc import Iterator
 from typing import Any
 
 import torch
 import torch.nn as nn
 from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
-from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, fully_shard
 from torchtitan.models.llama3 import Transformer, TransformerModelArgs, llama3_args
-from torchtitan.models.llama3 import get_train_spec as llama3_train_spec
-from torchtitan.models.llama3.infra import parallelize as llama3_parallelize
-from torchtitan.models.llama3.infra.parallelize import parallelize_llama
 from torchtitan.models.llama3.model.args import RoPEScalingArgs
-from torchtitan.protocols.train_spec import TrainSpec, get_train_spec, register_train_spec
 
 from amuse_dist.titan import cpu
-from amuse_dist.titan.loaders import hub
-from amuse_dist.titan.loaders.token_shards import build_dataloader
-from amuse_dist.titan.metrics import build_amuse_metrics_processor
-from amuse_dist.titan.optimizers import make_build_optimizers
-from amuse_dist.titan.validator import build_anytime_validator
 
 NAME = "llama3_amuse"
+"""The ``[model] name`` of this model (its torchtitan train spec, ``titan.spec``)."""
 
 
 @dataclasses.dataclass
@@ -37,10 +31,14 @@ class AmuseModelArgs(TransformerModelArgs):
     tie_embeddings: bool = False
     init_std: float | None = None
     rope_scaling: bool = True
+    init_seed: int = 0
+    """``[debug] seed``: the CPU init draws the full model from it (see AmuseTransformer)."""
 
     def update_from_config(self, job_config: Any, **kwargs: Any) -> None:
         super().update_from_config(job_config, **kwargs)
         opts = job_config.model
+        seed = getattr(getattr(job_config, "debug", None), "seed", None)
+        self.init_seed = 0 if seed is None else int(seed)
         self.tie_embeddings = bool(getattr(opts, "tie_embeddings", False))
         self.init_std = getattr(opts, "init_std", None)
         theta = getattr(opts, "rope_theta", None)
@@ -74,45 +72,14 @@ FLAVORS: dict[str, AmuseModelArgs] = {
     "1.3B": _args(2048, 24, 32, 50304, max_seq_len=512),
 }
 
-_JOB_CONFIG: list[Any] = []
-
 
 def model_vocab_size(job_config: Any) -> int | None:
     """vocab_size of the configured model flavor (None when it is not a known llama flavor).
-    The data checks get it from here, passed in: the loaders never import the train spec."""
+    The data checks get it from here, passed in: the loaders never import the model."""
     if job_config.model.name not in (NAME, "llama3"):
         return None
     flavor = FLAVORS.get(job_config.model.flavor)
     return None if flavor is None else int(flavor.vocab_size)
-
-
-def _build_dataloader(
-    dp_world_size: int, dp_rank: int, tokenizer: Any, job_config: Any, infinite: bool = True
-) -> Any:
-    return build_dataloader(
-        dp_world_size, dp_rank, tokenizer, job_config, infinite, model_vocab_size(job_config)
-    )
-
-
-def _build_validator(job_config: Any, **kwargs: Any) -> Any:
-    return build_anytime_validator(job_config, model_vocab_size(job_config), **kwargs)
-
-
-def set_job_config(job_config: Any) -> None:
-    """Give builders that torchtitan hands only one section (optimizer) the whole config."""
-    _JOB_CONFIG[:] = [job_config]
-
-
-def get_job_config() -> Any:
-    if not _JOB_CONFIG:
-        raise RuntimeError("job config not set: construct amuse_dist.train.AmuseTrainer")
-    return _JOB_CONFIG[0]
-
-
-def init_seed() -> int:
-    cfg = _JOB_CONFIG[0] if _JOB_CONFIG else None
-    seed = getattr(getattr(cfg, "debug", None), "seed", None)
-    return 0 if seed is None else int(seed)
 
 
 def tie(model: Transformer) -> None:
@@ -160,7 +127,7 @@ class AmuseTransformer(Transformer):
                 init_params(self)
             return
         with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(init_seed())
+            torch.manual_seed(int(getattr(self.model_args, "init_seed", 0)))
             dtype = next(self.parameters()).dtype
             with torch.device("cpu"):
                 full = Transformer(self.model_args).to(dtype)
@@ -170,88 +137,3 @@ class AmuseTransformer(Transformer):
         set_model_state_dict(
             self, full.state_dict(), options=StateDictOptions(full_state_dict=True, strict=False)
         )
-
-
-def _apply_fsdp_tied(
-    model: nn.Module,
-    dp_mesh: Any,
-    param_dtype: torch.dtype,
-    reduce_dtype: torch.dtype,
-    pp_enabled: bool,
-    cpu_offload: bool = False,
-    reshard_after_forward_policy: str = "default",
-) -> None:
-    """torchtitan's ``apply_fsdp`` with the tied embedding/head in one unit: each block is its
-    own unit as usual; the embedding, final norm and head stay in the root unit (torchtitan would
-    put the embedding and the head in two units, splitting the one parameter)."""
-    if pp_enabled:
-        raise ValueError("[model] tie_embeddings = true: pipeline parallelism is not supported")
-    fsdp_kw: dict[str, Any] = {
-        "mesh": dp_mesh,
-        "mp_policy": MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=reduce_dtype),
-    }
-    if cpu_offload:
-        fsdp_kw["offload_policy"] = CPUOffloadPolicy()
-    reshard = reshard_after_forward_policy != "never"
-    for block in model.layers.values():
-        fully_shard(block, **fsdp_kw, reshard_after_forward=reshard)
-    fully_shard(model, **fsdp_kw)
-    llama3_parallelize.disable_fsdp_gradient_division(model)
-
-
-@contextlib.contextmanager
-def _tied_fsdp_layout(tied: bool) -> Iterator[None]:
-    """While llama3's parallelize runs, use the tied layout for FSDP (its only FSDP call)."""
-    if not tied:
-        yield
-        return
-    stock = llama3_parallelize.apply_fsdp
-    llama3_parallelize.apply_fsdp = _apply_fsdp_tied
-    try:
-        yield
-    finally:
-        llama3_parallelize.apply_fsdp = stock
-
-
-def parallelize(model: nn.Module, parallel_dims: Any, job_config: Any) -> nn.Module:
-    """llama3's parallelize (tied embeddings in one FSDP unit), plus sum-reduction of FSDP
-    grads on gloo (no PREMUL_SUM)."""
-    tied = getattr(model.model_args, "tie_embeddings", False)
-    if tied and (parallel_dims.tp_enabled or parallel_dims.pp_enabled):
-        raise ValueError(
-            "[model] tie_embeddings = true supports data parallelism (FSDP/HSDP) only, not "
-            "tensor or pipeline parallelism"
-        )
-    with _tied_fsdp_layout(tied):
-        model = parallelize_llama(model, parallel_dims, job_config)
-    if cpu.on_cpu():
-        cpu.force_sum_reduction(model)
-    return model
-
-
-def get_amuse_train_spec() -> TrainSpec:
-    base = llama3_train_spec()
-    return TrainSpec(
-        model_cls=AmuseTransformer,
-        model_args=FLAVORS,
-        parallelize_fn=parallelize,
-        pipelining_fn=base.pipelining_fn,
-        build_optimizers_fn=make_build_optimizers(get_job_config),
-        build_lr_schedulers_fn=base.build_lr_schedulers_fn,
-        build_dataloader_fn=_build_dataloader,
-        build_tokenizer_fn=base.build_tokenizer_fn,
-        build_loss_fn=base.build_loss_fn,
-        build_validator_fn=_build_validator,
-        build_metrics_processor_fn=build_amuse_metrics_processor,
-        state_dict_adapter=base.state_dict_adapter,
-    )
-
-
-def register() -> None:
-    """Register "llama3_amuse" once (torchtitan raises on a second registration), and the hub
-    datasets its loaders may stream (torchtitan's registry is per process)."""
-    hub.register_datasets()
-    try:
-        get_train_spec(NAME)
-    except ValueError:
-        register_train_spec(NAME, get_amuse_train_spec())

@@ -1,6 +1,6 @@
 """``amuse_dist.train`` whose X export dies half-way at one step, as a kill -9 would leave it.
 
-Usage (under torchrun): crash_export_worker.py CRASH_STEP <amuse_dist.train args...>
+Usage (under torchrun): crash_export_worker.py CRASH_STEP <amuse-train args...>
 """
 
 import os
@@ -12,7 +12,7 @@ from amuse_dist.titan import launch
 launch.setup_device()
 
 import amuse_dist.titan.trainer as trainer_module  # noqa: E402
-from amuse_dist.train import main  # noqa: E402
+from amuse_dist.titan.run import train  # noqa: E402
 
 CRASH_STEP = int(sys.argv.pop(1))
 _real_export = trainer_module.export_hf
@@ -30,4 +30,4 @@ def _dying_export(dest: Path, *args, **kwargs):  # type: ignore[no-untyped-def]
 
 
 trainer_module.export_hf = _dying_export
-main(sys.argv[1:])
+train(sys.argv[1:])
