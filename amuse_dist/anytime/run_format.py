@@ -103,11 +103,12 @@ def check_export_folder(export_folder: str) -> str:
         or name in reserved
         or name.endswith(".distcp")
         or name.startswith((ABANDONED_PREFIX, "step-"))
+        or len(name.encode()) > 200
     ):
         raise RunError(
             f'[anytime] export_folder = "{name}": expected one folder name inside step-N '
             '(letters, digits, "_", "-", "."; not ".", "..", a path, an absolute path, or a name '
-            'the checkpoint itself uses), e.g. "x"'
+            'the checkpoint itself uses; at most 200 bytes), e.g. "x"'
         )
     return name
 

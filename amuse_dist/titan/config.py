@@ -417,12 +417,55 @@ def _prelaunch_checks(cfg: Any) -> list[str]:
             f'[checkpoint] async_mode = {_fmt(ck.async_mode)}: expected "disabled" (amuse_dist\'s '
             "checkpoints are atomic: the X export must finish before the folder is published)"
         )
+    errors += _run_folder_checks(cfg)
     workers = cfg.training.dataloader.num_workers
     if workers != 0 and not str(cfg.training.dataset).startswith("token_shards"):
         errors.append(
             f"[training.dataloader] num_workers = {workers}: expected 0 with [training] dataset = "
             f"{_fmt(cfg.training.dataset)} (the world-size-independent loader keeps its stream "
             "position in the training process; token_shards datasets allow workers)"
+        )
+    return errors
+
+
+def _run_folder_checks(cfg: Any) -> list[str]:
+    """What the run folder lets us know before start-up: folders that are files or not
+    writable, an export folder that collides with the Y export, a checkpoint folder of another
+    run, and a resume whose ``[training] steps`` is already behind the newest checkpoint."""
+    import os
+
+    from amuse_dist.anytime import run_format as rf
+
+    errors = []
+    dump = cfg.job.dump_folder
+    problem = rf.check_folder_path(dump, "[job] dump_folder")
+    if problem:
+        return [problem]
+    ck = cfg.checkpoint
+    if not ck.enable:
+        return errors
+    folder = os.path.join(dump, ck.folder)
+    problem = rf.check_folder_path(folder, "[checkpoint] folder")
+    if problem:
+        return [problem]
+    a = cfg.anytime
+    if a.export_x and a.export_y and a.export_folder == "y":
+        errors.append(
+            '[anytime] export_folder = "y": the Y export ([anytime] export_y = true) is written '
+            'to step-N/y, so the X export would be replaced by it; choose another name, e.g. "x"'
+        )
+    try:
+        problem = rf.owner_problem(folder, dump, rf.run_id(dump, create=False))
+    except OSError:
+        problem = None
+    if problem:
+        errors.append(problem)
+    steps = rf.complete_steps(folder)
+    if ck.load_step == -1 and steps and steps[-1] > cfg.training.steps and not problem:
+        errors.append(
+            f"[training] steps = {cfg.training.steps}: the newest checkpoint in {folder} is "
+            f"step-{steps[-1]}, already beyond it (nothing would be trained); raise "
+            f"--training.steps above {steps[-1]}, or roll back with --checkpoint.load_step"
         )
     return errors
 
