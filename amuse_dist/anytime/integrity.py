@@ -136,7 +136,7 @@ def trust_problem(step_dir: PathLike) -> str | None:
     """None if ``step_dir`` carries a manifest signed by this user's key, else why not."""
     data = read_manifest(step_dir)
     if data is None:
-        return f"no valid {MANIFEST} (not written by amuse_dist, or by a version before 0.3)"
+        return f"no valid {MANIFEST}, so amuse_dist did not write it (or a version before 0.3 did)"
     key = user_key(create=False)
     if key is None:
         return f"no signing key at {key_path()} on this machine (written by another user?)"
