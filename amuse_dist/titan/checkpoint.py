@@ -517,6 +517,8 @@ def _os_error(e: BaseException) -> OSError | None:
     if isinstance(e, OSError):
         return e
     for failure in (getattr(e, "failures", None) or {}).values():
+        if isinstance(failure, tuple):  # DCP wraps (exception, traceback)
+            failure = failure[0]
         seen: BaseException | None = failure
         while seen is not None:
             if isinstance(seen, OSError):
