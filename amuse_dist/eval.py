@@ -31,10 +31,14 @@ import math
 import os
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from amuse_dist.anytime import targets as tg
 from amuse_dist.anytime.run_format import RunError
 from amuse_dist.titan import launch
+
+if TYPE_CHECKING:
+    from amuse_dist.titan.evaluate import EvalOptions
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -104,7 +108,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
-def options(args: argparse.Namespace) -> object:
+def options(args: argparse.Namespace) -> EvalOptions:
     from amuse_dist.titan.evaluate import EvalOptions
 
     return EvalOptions(
@@ -146,8 +150,8 @@ def main(argv: list[str] | None = None) -> None:
         targets = tg.find_targets(path, args.source)
         if args.lm_eval:
             return main_lm_eval(targets, args, paths)
-        if int(os.environ.get("RANK", "0")) == 0:  # the others learn at the checked load
-            tg.check_trusted(targets, args.trust)
+        tg.check_trusted(targets, args.trust)  # before anything reads a pickled .metadata
+        if int(os.environ.get("RANK", "0")) == 0:  # rank 0 writes the results
             tg.check_out(paths, given=args.out is not None)
         tg.check_weights(targets, args.weights)
         tg.check_files(targets)

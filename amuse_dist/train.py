@@ -46,6 +46,9 @@ def main(argv: list[str] | None = None) -> None:
     except ConfigError as e:
         print(f"amuse-train: {e}", file=sys.stderr)
         raise SystemExit(2) from None
+    if os.environ.get("AMUSE_CHECK_ONLY") == "1":  # the launchers' pre-check: exit 2 survives
+        print(f"amuse-train: config OK ({config.job.dump_folder})")
+        return
 
     _warn_missing_tokenizer(config, logger)
     launch.offline_hub_defaults(launch.job_datasets(config))

@@ -264,6 +264,14 @@ def test_pre_launch_table(
     assert not any((tmp_path / n).exists() for n in ("thief", "d1", "d2", "d3"))
     assert _snapshot(other, tmp_path / "behind", a_file) == before
 
+    # through the launcher too: its one-process pre-check keeps exit 2 (torchrun would say 1)
+    proc = subprocess.run(
+        ["bash", "launch/run_local.sh", *run_args(tmp_path / "d4", assets, amuse__beta1=2.0)],
+        cwd=REPO, env={**env(tmp_path), "NPROC": "1"}, capture_output=True, text=True,
+        timeout=300,
+    )  # fmt: skip
+    assert proc.returncode == 2, (proc.stdout + proc.stderr)[-2000:]
+    assert "[amuse] beta1 = 2.0" in proc.stderr
     # a read-only checkpoint folder (simulated: the tests run as root, who may write anywhere)
     ro = tmp_path / "ro"
     ro.mkdir()

@@ -67,8 +67,8 @@ class Anytime:
     resume_override: list[str] = field(default_factory=list)
     """"section.key" entries a resume may change although the resume contract refuses them."""
     trust_checkpoints: bool = False
-    """Load checkpoints without amuse_meta.json (not written by amuse_dist); their pickled
-    DCP .metadata can run code."""
+    """Load checkpoints your own runs did not write (no amuse_manifest.json signed with your key:
+    another user's run, a plain torchtitan folder); their pickled DCP .metadata can run code."""
     sigterm_poll_steps: int = 10
     """Ranks agree on "did any rank get SIGTERM" (a small CPU collective) every this many steps;
     the run stops at the next such step, so allow this many steps of grace after the signal."""
@@ -350,6 +350,11 @@ def check_values(cfg: Any, explicit: set[tuple[str, str]] = frozenset()) -> list
             f"[validation] steps = {v.steps}: expected an int > 0 (with -1 ranks see "
             "different batch counts and the collectives hang or abort)"
         )
+    if v.enable and v.local_batch_size < 1:
+        errors.append(
+            f"[validation] local_batch_size = {v.local_batch_size}: expected an int >= 1 "
+            "(a validation batch of 0 sequences measures nothing)"
+        )
     if v.enable and v.freq < 1:
         errors.append(f"[validation] freq = {v.freq}: expected an int >= 1")
     if cfg.anytime.export_x:
@@ -418,6 +423,7 @@ def _prelaunch_checks(cfg: Any) -> list[str]:
             "checkpoints are atomic: the X export must finish before the folder is published)"
         )
     errors += _run_folder_checks(cfg)
+    errors += _tokenizer_check(cfg)
     workers = cfg.training.dataloader.num_workers
     if workers != 0 and not str(cfg.training.dataset).startswith("token_shards"):
         errors.append(
@@ -426,6 +432,27 @@ def _prelaunch_checks(cfg: Any) -> list[str]:
             "position in the training process; token_shards datasets allow workers)"
         )
     return errors
+
+
+def _tokenizer_check(cfg: Any) -> list[str]:
+    """A ``tokenizer.json`` that does not load (garbage, truncated) is named before start-up,
+    not as a traceback after it (the offline corpus builds its own: not checked here)."""
+    import os
+
+    path = cfg.model.hf_assets_path
+    if not path or not os.path.isfile(os.path.join(path, "tokenizer.json")):
+        return []
+    from amuse_dist.data import DataError
+    from amuse_dist.data.tokenizer import Encoder
+
+    try:
+        Encoder(path)
+    except DataError as e:
+        return [
+            f"[model] hf_assets_path = {path}: {e}; rebuild it with amuse-tokenizer or point "
+            "--model.hf_assets_path at a tokenizer folder"
+        ]
+    return []
 
 
 def _run_folder_checks(cfg: Any) -> list[str]:
