@@ -434,6 +434,48 @@ def _prelaunch_checks(cfg: Any) -> list[str]:
     return errors
 
 
+def disk_space_warning(cfg: Any) -> str | None:
+    """A warning when the checkpoint folder's file system has less free space than two
+    checkpoints (a save is written in full before the previous one may be purged).
+
+    The size: the newest checkpoint's manifest when resuming, else an estimate from the model
+    (about 12 L d^2 + 2 V d fp32 parameters, times 4 for the weights and three optimizer states,
+    plus the X export)."""
+    import os
+    import shutil
+
+    from amuse_dist.anytime import integrity
+    from amuse_dist.anytime import run_format as rf
+
+    ck = cfg.checkpoint
+    if not ck.enable:
+        return None
+    folder = os.path.join(cfg.job.dump_folder, ck.folder)
+    steps = rf.complete_steps(folder)
+    data = integrity.read_manifest(os.path.join(folder, f"step-{steps[-1]}")) if steps else None
+    if data:
+        need = sum(int(v[0]) for v in data["files"].values())
+    else:
+        from amuse_dist.titan.train_spec import FLAVORS
+
+        args = FLAVORS.get(cfg.model.flavor) if cfg.model.name == "llama3_amuse" else None
+        if args is None:
+            return None
+        n = 12 * args.n_layers * args.dim**2 + 2 * args.vocab_size * args.dim
+        need = n * 4 * 5
+    probe = folder
+    while not os.path.exists(probe) and os.path.dirname(probe) != probe:
+        probe = os.path.dirname(probe)
+    free = shutil.disk_usage(probe).free
+    if free >= 2 * need:
+        return None
+    return (
+        f"[checkpoint] folder = {folder}: {free / 1e9:.1f} GB free, a checkpoint needs about "
+        f"{need / 1e9:.1f} GB and a save needs room for two; free space before the first save "
+        "(a full disk stops the run at the save, the previous checkpoint is kept)"
+    )
+
+
 def _tokenizer_check(cfg: Any) -> list[str]:
     """A ``tokenizer.json`` that does not load (garbage, truncated) is named before start-up,
     not as a traceback after it (the offline corpus builds its own: not checked here)."""
