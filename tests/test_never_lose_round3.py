@@ -245,6 +245,9 @@ def test_pre_launch_table(
     a_file.write_text("x")
     behind = tmp_path / "behind"
     _copy_step(straight, behind, 20)
+    garbage = tmp_path / "garbage_tok"
+    garbage.mkdir()
+    (garbage / "tokenizer.json").write_text("not a tokenizer")
     before = _snapshot(other, tmp_path / "behind", a_file)
     table = [
         (run_args(tmp_path / "thief", assets, checkpoint__folder=other), ["owned by run", str(other)]),
@@ -254,6 +257,10 @@ def test_pre_launch_table(
          ['export_folder = "y"', "export_y"]),
         (run_args(tmp_path / "d3", assets, anytime__export_folder="x" * 240), ["at most 200 bytes"]),
         (run_args(behind, assets, steps=12), ["[training] steps = 12", "step-20", "already beyond"]),
+        (run_args(tmp_path / "d5", assets, model__hf_assets_path=garbage),
+         ["[model] hf_assets_path", "cannot be loaded", "amuse-tokenizer"]),
+        (run_args(tmp_path / "d6", assets, validation__local_batch_size=0),
+         ["[validation] local_batch_size = 0"]),
     ]  # fmt: skip
     for args, needles in table:
         code = run_cli("amuse_dist.train", args)
@@ -261,7 +268,7 @@ def test_pre_launch_table(
         assert code == 2, (args, err[-2000:])
         for needle in needles:
             assert needle in err, (needle, err[-2000:])
-    assert not any((tmp_path / n).exists() for n in ("thief", "d1", "d2", "d3"))
+    assert not any((tmp_path / n).exists() for n in ("thief", "d1", "d2", "d3", "d5", "d6"))
     assert _snapshot(other, tmp_path / "behind", a_file) == before
 
     # through the launcher too: its one-process pre-check keeps exit 2 (torchrun would say 1)
