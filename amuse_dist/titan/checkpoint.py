@@ -228,16 +228,17 @@ class AnytimeCheckpointManager(CheckpointManager):
             return super().load(step)
         if self.resuming:
             self._claim_folder()
+        if os.path.isdir(self.folder):
+            if _rank() == 0:
+                recover_replaced(self.folder)
+            _barrier()
+            self._refuse_damaged(self._find_load_step() if step == -1 else step, step)
         if not os.path.isdir(self.folder) or (step == -1 and self._find_load_step() == -1):
             if self.initial_load_path and not self.initial_load_in_hf:
                 self._check_trusted(self.initial_load_path, "--checkpoint.initial_load_path")
                 return self._load_initial()
             return super().load(step)
-        if _rank() == 0:
-            recover_replaced(self.folder)
-        _barrier()
         load_step = self._find_load_step() if step == -1 else step
-        self._refuse_damaged(load_step, step)
         if load_step == -1:
             return super().load(step)
         path = self._create_checkpoint_id(load_step)
