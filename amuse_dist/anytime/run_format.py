@@ -619,19 +619,7 @@ class RunLock:
         try:
             self._lock.acquire()
         except Timeout:
-            holder = self._holder()
-            who = (
-                f"host {holder.get('host')}, pid {holder.get('pid')}, started "
-                f"{holder.get('started')}"
-                if holder
-                else "an unknown process"
-            )
-            raise RunLockError(
-                f"[job] dump_folder = {self.folder}: another training run is using this folder "
-                f"({who}). Wait for it to finish or choose another --job.dump_folder; if that "
-                f"process is gone and the lock stays held (a dead host on a shared file system), "
-                f"delete {self.folder / LOCK_FILE}"
-            ) from None
+            raise RunLockError(self._busy_message()) from None
         self.stale = self._holder() or None
         record = {
             "host": socket.gethostname(),
@@ -641,6 +629,37 @@ class RunLock:
         tmp = self.info_path.with_name(self.info_path.name + ".tmp")
         tmp.write_text(json.dumps(record) + "\n")
         tmp.replace(self.info_path)
+
+    def _busy_message(self) -> str:
+        holder = self._holder()
+        who = (
+            f"host {holder.get('host')}, pid {holder.get('pid')}, started {holder.get('started')}"
+            if holder
+            else "an unknown process"
+        )
+        return (
+            f"[job] dump_folder = {self.folder}: another training run is using this folder "
+            f"({who}). Wait for it to finish or choose another --job.dump_folder; if that "
+            f"process is gone and the lock stays held (a dead host on a shared file system), "
+            f"delete {self.folder / LOCK_FILE}"
+        )
+
+    def busy(self) -> str | None:
+        """The busy message if another process holds the lock now, else None (a probe before
+        launch: creates nothing, takes nothing)."""
+        from filelock import Timeout
+
+        path = self.folder / LOCK_FILE
+        if not path.is_file() or path.is_symlink():
+            return None
+        try:
+            self._lock.acquire()
+        except Timeout:
+            return self._busy_message()
+        except OSError:
+            return None
+        self._lock.release()
+        return None
 
     def release(self) -> None:
         if self._lock.is_locked:

@@ -510,6 +510,17 @@ def _run_folder_checks(cfg: Any) -> list[str]:
     problem = rf.check_folder_path(dump, "[job] dump_folder")
     if problem:
         return [problem]
+    for name in (rf.LOCK_FILE, rf.LOCK_INFO, "train.log"):
+        if os.path.islink(os.path.join(dump, name)):
+            errors.append(
+                f"{os.path.join(dump, name)} is a symlink to {os.readlink(os.path.join(dump, name))}: "
+                "amuse_dist never writes through a link in the run folder; remove the link (keep "
+                "its target) and rerun"
+            )
+    # rank 0 only: ranks probing together would see each other's probe as a busy folder
+    busy = rf.RunLock(dump).busy() if int(os.environ.get("RANK", "0")) == 0 else None
+    if busy:  # the run state below is the other run's to change: say only this
+        return [busy]
     ck = cfg.checkpoint
     if not ck.enable:
         return errors
