@@ -18,6 +18,9 @@ if ! python -c "import torch,sys; sys.exit(0 if torch.cuda.is_available() else 1
   export OMP_NUM_THREADS=${OMP_NUM_THREADS:-$(( $(nproc) / NPROC > 0 ? $(nproc) / NPROC : 1 ))}
 fi
 
+# check the config in one process first: a bad input exits 2 here (torchrun would report 1)
+AMUSE_CHECK_ONLY=1 python -m amuse_dist.train "$@" || exit $?
+
 exec torchrun --standalone --nnodes=1 --nproc_per_node="$NPROC" \
   --local-ranks-filter "$LOG_RANK" --role rank --tee 3 \
   -m amuse_dist.train "$@"

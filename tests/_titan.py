@@ -33,6 +33,22 @@ def env(tmp: Path) -> dict[str, str]:
     return e
 
 
+def run_cli(module: str, argv: list[str]) -> int | str | None:
+    """Run a console entry point in this process as ``python -m module argv`` does (a fresh
+    module namespace, nothing imported from it by name); its exit status."""
+    import runpy
+
+    saved = sys.argv
+    sys.argv = [module, *argv]
+    try:
+        runpy.run_module(module, run_name="__main__", alter_sys=True)
+    except SystemExit as e:
+        return e.code if e.code is not None else 0
+    finally:
+        sys.argv = saved
+    return 0
+
+
 def torchrun_cmd(nproc: int, *target: str) -> list[str]:
     """torchrun on one node with ``nproc`` ranks running ``target``; rank 0's output only."""
     return launch.torchrun_command(nproc, *target)

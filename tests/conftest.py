@@ -45,6 +45,8 @@ def _offline_hub(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
         mp.setenv("HF_DATASETS_OFFLINE", "1")
         mp.setenv("HF_HOME", str(hf_home))
         mp.setenv("HF_DATASETS_CACHE", str(hf_home / "datasets"))
+        # the checkpoint signing key of this test session (never the user's own)
+        mp.setenv("AMUSE_DIST_KEY_FILE", str(hf_home / "amuse_checkpoint.key"))
         yield
 
 

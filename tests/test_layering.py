@@ -186,14 +186,6 @@ def test_data_and_anytime_import_without_torch() -> None:
     assert proc.returncode == 0, proc.stderr[-2000:]
 
 
-# Tests of amuse-eval still calling its functions while eval.py is slimmed into anytime/ (issue 19,
-# the eval part): drop an entry when its test imports the new home instead.
-EVAL_IMPORTS_PENDING = {
-    "tests/test_safety.py": {"amuse_dist.eval.main", "amuse_dist.eval.parse_args"},
-    "tests/test_usability.py": {"amuse_dist.eval.find_targets", "amuse_dist.eval.lm_eval_export"},
-}
-
-
 def test_nothing_imports_the_cli_modules() -> None:
     """train.py and eval.py are entry points: shared code lives in amuse_dist.titan (``run.train``,
     ``launch``) and amuse_dist.anytime, so the package, the benchmarks and the tests import those
@@ -210,7 +202,6 @@ def test_nothing_imports_the_cli_modules() -> None:
             for m in _imports(p, names=True)
             if m in ENTRY_POINTS or m.rsplit(".", 1)[0] in ENTRY_POINTS
         }
-        hits -= EVAL_IMPORTS_PENDING.get(name, set())
         if hits:
             offenders[name] = sorted(hits)
     assert not offenders, offenders

@@ -22,13 +22,14 @@ import pytest
 from amuse_dist.anytime.run_format import (
     EXPORT_MARKER,
     LOCK_INFO,
+    MANIFEST,
     META_FILE,
     RunError,
     check_export_folder,
     complete_steps,
     export_dir,
 )
-from tests._titan import REPO, env, run_args, tb_by_step, torchrun_cmd
+from tests._titan import REPO, env, run_args, run_cli, tb_by_step, torchrun_cmd
 
 
 def _run(cmd: list[str], tmp: Path, timeout: int = 300) -> subprocess.CompletedProcess[str]:
@@ -85,14 +86,11 @@ def test_config_errors_exit_2_before_launch(
 ) -> None:
     """export_folder climbing out of the step folder and a validation seq_len beyond the
     training one: both named, exit 2, before any process group; nothing is created."""
-    from amuse_dist.titan.run import train as train_main
-
     dump = tmp_path / "never"
     args = run_args(dump, assets, anytime__export_folder="../x", validation__seq_len=512)
-    with pytest.raises(SystemExit) as exit_:
-        train_main(args)
+    code = run_cli("amuse_dist.train", args)
     err = capsys.readouterr().err
-    assert exit_.value.code == 2, err[-3000:]
+    assert code == 2, err[-3000:]
     assert "[anytime] export_folder" in err and "../x" in err
     assert "[validation] seq_len = 512" in err and "[training] seq_len" in err
     assert not dump.exists()
@@ -238,8 +236,9 @@ def test_resume_refuses_unsafe_changes_and_untrusted_folders(
     assert proc.returncode != 0, out[-3000:]  # the trainer exits 2 (torchrun says 1)
     assert "[amuse] beta1: saved 0.6, new 0.5" in out, out[-3000:]
     assert "--anytime.resume_override amuse.beta1" in out
-    # not written by amuse_dist: refused unless trusted
+    # not written by amuse_dist (no metadata, no signed manifest): refused unless trusted
     (dump / "checkpoint" / "step-10" / META_FILE).unlink()
+    (dump / "checkpoint" / "step-10" / MANIFEST).unlink()
     proc = _run(_train(1, run_args(dump, assets, steps=12, validation__enable=False)), tmp_path)
     out = proc.stdout + proc.stderr
     assert proc.returncode != 0, out[-3000:]
@@ -255,11 +254,7 @@ def _truncate(path: Path, keep: int) -> Path:
 
 @pytest.mark.unit
 def test_amuse_eval_says_checkpoints_must_be_trusted(capsys: pytest.CaptureFixture[str]) -> None:
-    from amuse_dist.eval import parse_args
-
-    with pytest.raises(SystemExit) as exit_:
-        parse_args(["--help"])
-    assert exit_.value.code == 0
+    assert run_cli("amuse_dist.eval", ["--help"]) == 0
     text = " ".join(capsys.readouterr().out.split())
     assert "checkpoints must be trusted" in text and "--trust" in text
     docs = (REPO / "docs" / "checkpoints.md").read_text()
@@ -272,8 +267,6 @@ def test_unclear_message_table(
 ) -> None:
     """amuse-eval on each bad input exits 2 naming the file or the key, before any model or
     process group (in-process: its checks run before either)."""
-    from amuse_dist.eval import main as eval_main
-
     step = tmp_path / "ck" / "step-10"
     shutil.copytree(straight / "checkpoint" / "step-10", step)
     other_toml = tmp_path / "other.toml"
@@ -283,6 +276,7 @@ def test_unclear_message_table(
     untrusted = tmp_path / "plain" / "step-10"
     shutil.copytree(step, untrusted)
     (untrusted / META_FILE).unlink()
+    (untrusted / MANIFEST).unlink()
     broken_export = tmp_path / "broken" / "x"
     shutil.copytree(step / "x", broken_export)
     st = next(broken_export.glob("*.safetensors"))
@@ -300,10 +294,9 @@ def test_unclear_message_table(
         ([str(step), "--seq-len", "512"], ["--seq-len = 512", "256"]),
     ]
     for args, needles in table:
-        with pytest.raises(SystemExit) as exit_:
-            eval_main([*args, "--no-progress"])
+        code = run_cli("amuse_dist.eval", [*args, "--no-progress"])
         err = capsys.readouterr().err
-        assert exit_.value.code == 2, (args, err[-3000:])
+        assert code == 2, (args, err[-3000:])
         for needle in needles:
             assert needle in err, (args, needle, err[-3000:])
     assert EXPORT_MARKER in {p.name for p in (step / "x").iterdir()}  # nothing touched

@@ -128,7 +128,7 @@ def test_lm_eval_hflm_on_an_export(straight: Path, tmp_path: Path) -> None:
     pytest.importorskip("lm_eval")
     from lm_eval.models.huggingface import HFLM
 
-    from amuse_dist.eval import lm_eval_export
+    from amuse_dist.titan.harness import lm_eval_export
 
     docs = [
         {"context": "def add(a, b):\n    return", "continuation": " a + b"},
@@ -168,7 +168,7 @@ def kept(tmp_path_factory: pytest.TempPathFactory, assets: Path) -> tuple[Path, 
 
 @pytest.mark.e2e
 def test_keep_latest_k_keeps_every_export_unless_asked(kept: tuple[Path, str]) -> None:
-    from amuse_dist.eval import find_targets
+    from amuse_dist.anytime.targets import find_targets
     from amuse_dist.titan.checkpoint import AnytimeCheckpointManager, complete_steps
 
     dump, _ = kept
@@ -176,13 +176,18 @@ def test_keep_latest_k_keeps_every_export_unless_asked(kept: tuple[Path, str]) -
     assert sorted(p.name for p in ckpt.iterdir()) == ["step-2", "step-4", "step-6"]
     assert complete_steps(ckpt) == [4, 6]
     purged = ckpt / "step-2"
-    assert sorted(p.name for p in purged.iterdir()) == ["amuse_meta.json", "x", "y"]
+    assert sorted(p.name for p in purged.iterdir()) == [
+        "amuse_manifest.json",
+        "amuse_meta.json",
+        "x",
+        "y",
+    ]
     for step in (2, 4, 6):
         for which in ("x", "y"):
             info = json.loads((ckpt / f"step-{step}" / which / "amuse_export.json").read_text())
             assert (info["step"], info["weights"]) == (step, which)
     # amuse-eval finds the kept export of the purged checkpoint
-    targets = [(s, kind) for s, kind, _ in find_targets(dump, "auto")]
+    targets = [(t.step, t.kind) for t in find_targets(dump, "auto")]
     assert targets == [(2, "export"), (4, "dcp"), (6, "dcp")]
 
     # asked: keep only the newest export -> the purged step-2 goes whole; live ones stay
@@ -197,7 +202,12 @@ def test_keep_latest_k_keeps_every_export_unless_asked(kept: tuple[Path, str]) -
     # and keep_latest_k = 1 strips step-4 to its exports (default keep_exports = 0)
     manager.keep_latest_k, manager.keep_exports = 1, 0
     AnytimeCheckpointManager._purge_stale_checkpoints(manager)  # type: ignore[arg-type]
-    assert sorted(p.name for p in (copy / "step-4").iterdir()) == ["amuse_meta.json", "x", "y"]
+    assert sorted(p.name for p in (copy / "step-4").iterdir()) == [
+        "amuse_manifest.json",
+        "amuse_meta.json",
+        "x",
+        "y",
+    ]
     assert complete_steps(copy) == [6]
 
 

@@ -10,8 +10,9 @@ metadata of their hyper-parameter dataclasses. A resume compares the checkpoint'
   an error naming the key, both values and the override (``--anytime.resume_override
   section.key``, or a fresh optimizer from the weights via ``checkpoint.initial_load_path``).
 
-Keys not listed (model shape, optimizer name, data) are checked elsewhere (checkpoint shapes and
-optimizer-state signatures) or do not touch the saved state.
+The model's identity (name, flavor, tied embeddings, RoPE), the optimizer name and the parameter
+dtype are refused too: a change would drop or reinterpret trained state. Keys not listed (data,
+logging) do not touch the saved state.
 
 Imports neither torchtitan nor torch: the optimizers' sections are passed in by the caller as
 ``{section: hyper-parameter dataclass}`` (``amuse_dist.optim.registry.hparam_sections()``); their
@@ -47,6 +48,17 @@ TITAN_CONTRACT: dict[tuple[str, str], tuple[str, str]] = {
     ("lr_scheduler", "decay_type"): (CHANGEABLE, "the schedule is rebuilt from the config"),
     ("lr_scheduler", "min_lr_factor"): (CHANGEABLE, "the schedule is rebuilt from the config"),
     ("training", "max_norm"): (CHANGEABLE, "gradient clipping of each next step"),
+    # what the saved tensors are: a change would drop or reinterpret trained state
+    ("model", "name"): (REFUSED, "the saved weights belong to this model"),
+    ("model", "flavor"): (REFUSED, "the saved weights have this model's shapes"),
+    ("model", "tie_embeddings"): (
+        REFUSED,
+        "tying drops the trained output head, untying starts one from the embedding",
+    ),
+    ("model", "rope_theta"): (REFUSED, "the trained attention expects these positions"),
+    ("model", "rope_scaling"): (REFUSED, "the trained attention expects these positions"),
+    ("optimizer", "name"): (REFUSED, "the saved optimizer state is this optimizer's"),
+    ("training", "mixed_precision_param"): (REFUSED, "the dtype the weights were trained in"),
 }
 
 

@@ -28,6 +28,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from amuse_dist.anytime.integrity import MANIFEST
+
 META_FILE = "amuse_meta.json"
 EXPORT_MARKER = "amuse_export.json"
 DCP_METADATA = ".metadata"
@@ -37,6 +39,8 @@ REPLACED_PREFIX = ".replaced-"
 ABANDONED_PREFIX = "abandoned-after-"
 LOCK_FILE = ".amuse_run.lock"
 LOCK_INFO = ".amuse_run.json"
+RUN_ID_FILE = ".amuse_run_id"
+OWNER_FILE = ".amuse_checkpoints.json"
 RUN_ASSETS = "export_assets"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
 _EXPORT_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]*$")
@@ -93,17 +97,18 @@ def check_export_folder(export_folder: str) -> str:
     path) would have its publish delete DCP files or folders the run never created.
     """
     name = str(export_folder)
-    reserved = {META_FILE, DCP_METADATA, EXPORT_MARKER}
+    reserved = {META_FILE, DCP_METADATA, EXPORT_MARKER, MANIFEST}
     if (
         not _EXPORT_NAME.match(name)
         or name in reserved
         or name.endswith(".distcp")
         or name.startswith((ABANDONED_PREFIX, "step-"))
+        or len(name.encode()) > 200
     ):
         raise RunError(
             f'[anytime] export_folder = "{name}": expected one folder name inside step-N '
             '(letters, digits, "_", "-", "."; not ".", "..", a path, an absolute path, or a name '
-            'the checkpoint itself uses), e.g. "x"'
+            'the checkpoint itself uses; at most 200 bytes), e.g. "x"'
         )
     return name
 
@@ -121,8 +126,10 @@ def export_dir(step_dir: PathLike, export_folder: str) -> Path:
 
 # ------------------------------------------------------------------------------------ checks
 def is_complete_checkpoint(path: PathLike) -> bool:
-    """A ``step-N`` folder whose DCP save finished (its ``.metadata`` is written last)."""
-    return (Path(path) / DCP_METADATA).is_file()
+    """A ``step-N`` folder whose DCP save finished (its ``.metadata`` is written last); a
+    symlinked step folder is never one (the run did not create what it points at)."""
+    path = Path(path)
+    return not path.is_symlink() and (path / DCP_METADATA).is_file()
 
 
 def complete_steps(folder: PathLike) -> list[int]:
@@ -138,13 +145,43 @@ def complete_steps(folder: PathLike) -> list[int]:
     return sorted(steps)
 
 
+def damaged_steps(folder: PathLike) -> dict[int, str]:
+    """{N: why} for ``step-N`` entries that are not loadable checkpoints and not purged ones
+    (a purged step keeps ``amuse_meta.json`` and its exports): named, never skipped silently."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return {}
+    out = {}
+    for child in folder.iterdir():
+        n = step_of(child)
+        if n is None:
+            continue
+        if child.is_symlink():
+            out[n] = f"{child} is a symlink (to {os.readlink(child)}); never read or deleted"
+        elif not child.is_dir():
+            out[n] = f"{child} is not a folder"
+        elif not (child / DCP_METADATA).is_file() and not export_dirs(child):
+            out[n] = f"{child} has no DCP {DCP_METADATA} (an interrupted or damaged save)"
+    return out
+
+
+def purged(step_dir: PathLike) -> bool:
+    """A ``step-N`` whose DCP state retention removed (its exports kept): not "corrupt"."""
+    p = Path(step_dir)
+    return p.is_dir() and not (p / DCP_METADATA).exists() and bool(export_dirs(p))
+
+
 # ------------------------------------------------------------------ retention (keep_exports)
 def export_dirs(step_dir: PathLike) -> list[Path]:
     """The complete export folders (``x``, ``y``) inside a ``step-N`` folder."""
     step_dir = Path(step_dir)
-    if not step_dir.is_dir():
+    if not step_dir.is_dir() or step_dir.is_symlink():
         return []
-    return [c for c in sorted(step_dir.iterdir()) if c.is_dir() and (c / EXPORT_MARKER).is_file()]
+    return [
+        c
+        for c in sorted(step_dir.iterdir())
+        if c.is_dir() and not c.is_symlink() and (c / EXPORT_MARKER).is_file()
+    ]
 
 
 def exported_steps(folder: str | os.PathLike[str]) -> list[int]:
@@ -155,7 +192,7 @@ def exported_steps(folder: str | os.PathLike[str]) -> list[int]:
     steps = []
     for child in folder.iterdir():
         m = STEP_DIR.match(child.name)
-        if m and export_dirs(child):
+        if m and not child.is_symlink() and export_dirs(child):
             steps.append(int(m.group(1)))
     return sorted(steps)
 
@@ -193,15 +230,29 @@ def strip_to_exports(step_dir: PathLike) -> None:
     loadable checkpoint.
     """
     step_dir = Path(step_dir)
+    if step_dir.is_symlink():
+        return  # never through a symlink: the run did not create what it points at
     (step_dir / DCP_METADATA).unlink(missing_ok=True)
-    keep = {p.name for p in export_dirs(step_dir)} | {META_FILE}
+    keep = {p.name for p in export_dirs(step_dir)} | {META_FILE, MANIFEST}
     for child in step_dir.iterdir():
         if child.name in keep:
             continue
-        if child.is_dir():
+        if child.is_dir() and not child.is_symlink():
             shutil.rmtree(child, ignore_errors=True)
         else:
-            child.unlink(missing_ok=True)
+            child.unlink(missing_ok=True)  # a symlink: the link goes, never its target
+
+
+def remove_tree(path: PathLike) -> bool:
+    """Delete a folder the run created; a symlink (or a non-folder) is left alone: False.
+
+    ``shutil.rmtree`` never follows symlinks inside the tree, so only the top needs the check.
+    """
+    path = Path(path)
+    if path.is_symlink() or not path.is_dir():
+        return False
+    shutil.rmtree(path, ignore_errors=True)
+    return True
 
 
 def is_complete_export(path: PathLike) -> bool:
@@ -343,11 +394,16 @@ def publish(tmp: PathLike, final: PathLike) -> None:
     """
     tmp, final = Path(tmp), Path(final)
     replaced = final.with_name(REPLACED_PREFIX + final.name)
+    if final.is_symlink():
+        raise CheckpointError(
+            f"{final} is a symlink (to {os.readlink(final)}): amuse_dist never replaces or "
+            "deletes through a link; move it away and resume"
+        )
     if final.exists():
-        shutil.rmtree(replaced, ignore_errors=True)
+        remove_tree(replaced)
         final.rename(replaced)
     tmp.rename(final)
-    shutil.rmtree(replaced, ignore_errors=True)
+    remove_tree(replaced)
 
 
 def recover_replaced(folder: PathLike) -> None:
@@ -400,11 +456,14 @@ def copy_run_assets(src: PathLike | None, dump_folder: PathLike) -> Path | None:
     change what this run's exports ship. Returns the run's copy (None if there is nothing).
     """
     dest = run_tokenizer_dir(dump_folder)
+    refuse_symlink(dest.parent, "the run's export assets")
+    refuse_symlink(dest, "the run's tokenizer copy")
     if any((dest / name).is_file() for name in TOKENIZER_FILES):
         return dest
     if src is None or not any((Path(src) / n).is_file() for n in TOKENIZER_FILES):
         return None
     tmp = dest.with_name(dest.name + ".tmp")
+    refuse_symlink(tmp, "a temporary copy")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     for name in TOKENIZER_FILES:
@@ -412,6 +471,125 @@ def copy_run_assets(src: PathLike | None, dump_folder: PathLike) -> Path | None:
             shutil.copy2(Path(src) / name, tmp / name)
     tmp.rename(dest)
     return dest
+
+
+# ------------------------------------------------------------------------------------ guards
+def refuse_symlink(path: PathLike, what: str) -> None:
+    """RunError if ``path`` is a symlink: the run writes its records only into files it made."""
+    path = Path(path)
+    if path.is_symlink():
+        raise RunError(
+            f"{path} ({what}) is a symlink to {os.readlink(path)}: amuse_dist never writes "
+            "through a link in the run folder; remove the link (keep its target) and rerun"
+        )
+
+
+def check_folder_path(path: PathLike, key: str) -> str | None:
+    """An error line if the folder ``key`` = ``path`` cannot be created or written, else None."""
+    p = Path(path)
+    if p.exists() and not p.is_dir():
+        return f"{key} = {p}: a file, expected a folder; choose another path or move the file"
+    probe = p
+    while not probe.exists() and probe.parent != probe:
+        probe = probe.parent
+    if not probe.is_dir():
+        return f"{key} = {p}: {probe} is a file, so the folder cannot be created there"
+    if not os.access(probe, os.W_OK | os.X_OK):
+        return (
+            f"{key} = {p}: {probe} is not writable by this user; make it writable or choose "
+            "another folder"
+        )
+    return None
+
+
+def os_error_message(e: OSError, path: PathLike, what: str) -> str:
+    """One line for an OSError while writing ``path``: what failed, where, and the fix."""
+    import errno
+
+    where = getattr(e, "filename", None) or path
+    if e.errno == errno.ENOSPC:
+        return (
+            f"{what}: no space left on the device holding {where}; free space and resume "
+            "(the previous checkpoint is kept)"
+        )
+    if e.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+        return f"{what}: {where} is not writable ({e.strerror}); make it writable and resume"
+    if e.errno == errno.ENAMETOOLONG:
+        return f"{what}: a name under {where} is too long for the file system; choose a shorter one"
+    return (
+        f"{what}: {where}: {e.strerror or e}; fix it and resume (the previous checkpoint is kept)"
+    )
+
+
+# ------------------------------------------------------------------------------------ run id
+def run_id(dump_folder: PathLike, create: bool = True) -> str | None:
+    """This run's id (``.amuse_run_id`` in the dump folder), made once at the first start."""
+    import uuid
+
+    path = Path(dump_folder) / RUN_ID_FILE
+    if path.is_file() and not path.is_symlink():
+        return path.read_text().strip() or None
+    if not create:
+        return None
+    refuse_symlink(path, "the run id")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    value = uuid.uuid4().hex
+    tmp = path.with_name(f"{path.name}.{os.getpid()}")
+    tmp.write_text(value + "\n")
+    try:
+        os.link(tmp, path)
+    except FileExistsError:
+        pass
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path.read_text().strip()
+
+
+def owner_problem(ckpt_folder: PathLike, dump_folder: PathLike, this_run: str | None) -> str | None:
+    """Why this run may not write into ``ckpt_folder`` (None when it may).
+
+    A checkpoint folder inside the dump folder is the run's own. One outside belongs to the run
+    named in its ``.amuse_checkpoints.json`` (or in its checkpoints' ``amuse_meta.json``):
+    resuming there would load, and retention delete, another run's checkpoints.
+    """
+    ck, dump = Path(ckpt_folder).resolve(), Path(dump_folder).resolve()
+    if ck == dump or dump in ck.parents:
+        return None
+    owner = None
+    try:
+        owner = json.loads((Path(ckpt_folder) / OWNER_FILE).read_text()).get("run_id")
+    except (OSError, ValueError, AttributeError):
+        pass
+    steps = _all_steps(Path(ckpt_folder))
+    if owner is None:
+        ids = set()
+        for s in steps:
+            try:
+                ids.add(read_meta(Path(ckpt_folder) / step_name(s)).get("run_id"))
+            except CheckpointError:
+                ids.add(None)
+        if not steps and not (Path(ckpt_folder).exists() and any(Path(ckpt_folder).iterdir())):
+            return None  # new or empty: this run takes it
+        owner = next(iter(ids)) if len(ids) == 1 else None
+    if owner is not None and owner == this_run:
+        return None
+    return (
+        f"[checkpoint] folder = {ckpt_folder}: outside --job.dump_folder {dump_folder} and "
+        + (f"owned by run {owner}" if owner else "holding checkpoints of an unknown run")
+        + f", not this run ({this_run}): resuming would load, and retention delete, its "
+        "checkpoints. Start from its weights with --checkpoint.initial_load_path <its step-N> "
+        "and a checkpoint folder of your own"
+    )
+
+
+def claim_checkpoint_folder(ckpt_folder: PathLike, this_run: str) -> None:
+    """Record this run as the owner of an (empty or own) checkpoint folder."""
+    path = Path(ckpt_folder) / OWNER_FILE
+    refuse_symlink(path, "the checkpoint folder's owner record")
+    if path.is_file():
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({"run_id": this_run}) + "\n")
 
 
 # ------------------------------------------------------------------------------------ run lock
@@ -436,22 +614,12 @@ class RunLock:
         from filelock import Timeout
 
         self.folder.mkdir(parents=True, exist_ok=True)
+        for name in (LOCK_FILE, LOCK_INFO):
+            refuse_symlink(self.folder / name, "the run lock")
         try:
             self._lock.acquire()
         except Timeout:
-            holder = self._holder()
-            who = (
-                f"host {holder.get('host')}, pid {holder.get('pid')}, started "
-                f"{holder.get('started')}"
-                if holder
-                else "an unknown process"
-            )
-            raise RunLockError(
-                f"[job] dump_folder = {self.folder}: another training run is using this folder "
-                f"({who}). Wait for it to finish or choose another --job.dump_folder; if that "
-                f"process is gone and the lock stays held (a dead host on a shared file system), "
-                f"delete {self.folder / LOCK_FILE}"
-            ) from None
+            raise RunLockError(self._busy_message()) from None
         self.stale = self._holder() or None
         record = {
             "host": socket.gethostname(),
@@ -461,6 +629,37 @@ class RunLock:
         tmp = self.info_path.with_name(self.info_path.name + ".tmp")
         tmp.write_text(json.dumps(record) + "\n")
         tmp.replace(self.info_path)
+
+    def _busy_message(self) -> str:
+        holder = self._holder()
+        who = (
+            f"host {holder.get('host')}, pid {holder.get('pid')}, started {holder.get('started')}"
+            if holder
+            else "an unknown process"
+        )
+        return (
+            f"[job] dump_folder = {self.folder}: another training run is using this folder "
+            f"({who}). Wait for it to finish or choose another --job.dump_folder; if that "
+            f"process is gone and the lock stays held (a dead host on a shared file system), "
+            f"delete {self.folder / LOCK_FILE}"
+        )
+
+    def busy(self) -> str | None:
+        """The busy message if another process holds the lock now, else None (a probe before
+        launch: creates nothing, takes nothing)."""
+        from filelock import Timeout
+
+        path = self.folder / LOCK_FILE
+        if not path.is_file() or path.is_symlink():
+            return None
+        try:
+            self._lock.acquire()
+        except Timeout:
+            return self._busy_message()
+        except OSError:
+            return None
+        self._lock.release()
+        return None
 
     def release(self) -> None:
         if self._lock.is_locked:

@@ -23,7 +23,7 @@ import numpy as np
 
 from amuse_dist.data import shards as fmt
 from amuse_dist.data.errors import DataError
-from amuse_dist.data.sources import Unit, hf_documents, plan_units, read_unit
+from amuse_dist.data.sources import Unit, hf_documents, input_manifest, plan_units, read_unit
 from amuse_dist.data.tokenizer import Encoder, atomic_write_text
 
 DEFAULT_SHARD_TOKENS = 100_000_000
@@ -123,6 +123,20 @@ def _hf_batches(texts: Iterable[str], max_documents: int | None) -> Iterator[lis
         yield buf
 
 
+def _describe_change(key: str, there: Any, now: Any) -> str:
+    """One setting that differs from the finished output's; input files by name."""
+    if key == "source" and isinstance(there, dict) and isinstance(now, dict):
+        old = {f[0]: f[1:] for f in there.get("files") or []}
+        new = {f[0]: f[1:] for f in now.get("files") or []}
+        if there.get("path") == now.get("path") and (old or new):
+            parts = [f"added {n}" for n in sorted(set(new) - set(old))]
+            parts += [f"removed {n}" for n in sorted(set(old) - set(new))]
+            parts += [f"changed {n}" for n in sorted(set(old) & set(new)) if old[n] != new[n]]
+            if parts:
+                return "input files: " + ", ".join(parts[:5]) + (" ..." if len(parts) > 5 else "")
+    return f"{key}: {there!r} there, {now!r} now"
+
+
 def prepare(
     out: Path | str,
     tokenizer_dir: Path | str,
@@ -159,7 +173,11 @@ def prepare(
         raise DataError(f"processes must be >= 1, got {processes}")
     encoder = Encoder(tokenizer_dir)
     if input_dir is not None:
-        source: dict[str, Any] = {"kind": "local", "path": str(Path(input_dir).resolve())}
+        source: dict[str, Any] = {
+            "kind": "local",
+            "path": str(Path(input_dir).resolve()),
+            "files": input_manifest(input_dir, skip_unknown),  # names, sizes, SHA-256
+        }
     else:
         source = {"kind": "hf", "name": hf_name, "config": hf_config, "split": hf_split}
     params = {
@@ -177,7 +195,7 @@ def prepare(
             if done.get("params") == params:
                 return done
             diff = [
-                f"{k}: {done.get('params', {}).get(k)!r} there, {v!r} now"
+                _describe_change(k, done.get("params", {}).get(k), v)
                 for k, v in params.items()
                 if done.get("params", {}).get(k) != v
             ]

@@ -192,3 +192,20 @@ def hf_documents(
     ds = load_dataset(name, name=config, split=split, streaming=streaming)
     for i, row in enumerate(ds):
         yield _field(row, field, f"{name} row {i}")
+
+
+def input_manifest(folder: Path | str, skip_unknown: bool = False) -> list[list[Any]]:
+    """[relative path, size, sha256] of every input file: what a rerun into the same output must
+    match exactly (a changed, added or removed file is refused, never mixed with old output)."""
+    import hashlib
+
+    folder = Path(folder)
+    out: list[list[Any]] = []
+    for p in list_files(folder, skip_unknown):
+        h = hashlib.sha256()
+        with open(p, "rb") as f:
+            while chunk := f.read(1 << 22):
+                h.update(chunk)
+        rel = p.name if folder.is_file() else p.relative_to(folder).as_posix()
+        out.append([rel, p.stat().st_size, h.hexdigest()])
+    return out

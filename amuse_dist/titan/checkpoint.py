@@ -15,7 +15,6 @@ folder naming and ``load``), and changes how a save lands on disk:
 from __future__ import annotations
 
 import os
-import shutil
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -27,19 +26,26 @@ from torch.distributed.checkpoint.api import CheckpointException
 from torchtitan.components.checkpoint import AsyncMode, CheckpointManager
 from torchtitan.tools.logging import logger
 
-from amuse_dist.anytime import resume_contract
+from amuse_dist.anytime import integrity, resume_contract
 from amuse_dist.anytime.run_format import (
     META_FILE,
     STEP_DIR,
     CheckpointError,
     DivergenceError,
+    RunError,
     abandon_later_steps,
     check_shard_sizes,
+    claim_checkpoint_folder,
     complete_steps,
+    damaged_steps,
+    os_error_message,
+    owner_problem,
     publish,
     purge_plan,
     read_meta,
     recover_replaced,
+    remove_tree,
+    run_id,
     saving_dir,
     strip_to_exports,
     write_meta,
@@ -90,6 +96,7 @@ class AnytimeCheckpointManager(CheckpointManager):
         **kwargs: Any,
     ) -> None:
         super().__init__(*args, **kwargs)
+        self.dump_folder = str(kwargs.get("base_folder") or Path(self.folder).parent)
         self.export_fn = export_fn
         self.keep_exports = keep_exports
         self.meta = dict(meta or {})
@@ -132,8 +139,24 @@ class AnytimeCheckpointManager(CheckpointManager):
                 + " with a lower --optimizer.lr"
             )
         tmp = saving_dir(final)
+        try:
+            self._save_into(tmp, final, curr_step)
+        except (OSError, CheckpointException) as e:
+            err = _os_error(e)
+            if err is None:
+                raise
+            what = f"saving checkpoint step-{curr_step}"
+            raise CheckpointError(os_error_message(err, tmp, what)) from None
+        self.last_saved_step = curr_step
+        self._purge_stale_checkpoints()
+
+    def _save_into(self, tmp: Path, final: Path, curr_step: int) -> None:
+        """DCP state, exports, ``amuse_meta.json``, then the signed manifest of every file
+        (each rank hashes 1/W of them), then the publish."""
         if _rank() == 0:
-            shutil.rmtree(tmp, ignore_errors=True)
+            if tmp.is_symlink():
+                tmp.unlink()  # a link under our reserved name: the link goes, its target stays
+            remove_tree(tmp)
             tmp.parent.mkdir(parents=True, exist_ok=True)
         _barrier()
         logger.info(f"Saving checkpoint step-{curr_step} (full state) to {final}")
@@ -147,10 +170,23 @@ class AnytimeCheckpointManager(CheckpointManager):
         export_info = self.export_fn(tmp, curr_step) if self.export_fn is not None else None
         if _rank() == 0:
             write_meta(tmp, {**self.meta, "step": curr_step, "export": export_info})
+        _barrier()
+        files = integrity.step_files(tmp)
+        world = dist.get_world_size() if dist.is_initialized() else 1
+        share = integrity.hash_share(tmp, files, _rank(), world)
+        shares: list[Any] = [share]
+        if dist.is_initialized():
+            shares = [None] * world
+            dist.all_gather_object(shares, share)
+        if _rank() == 0:
+            signed = integrity.write_manifest(tmp, {k: v for d in shares for k, v in d.items()})
+            if not signed:
+                logger.warning(
+                    f"no signing key at {integrity.key_path()}: step-{curr_step} is saved "
+                    "unsigned and will need --anytime.trust_checkpoints to load"
+                )
             publish(tmp, final)
         _barrier()
-        self.last_saved_step = curr_step
-        self._purge_stale_checkpoints()
 
     def _purge_stale_checkpoints(self) -> None:
         """Keep the newest ``keep_latest_k`` complete checkpoints; purged ones keep their
@@ -162,8 +198,17 @@ class AnytimeCheckpointManager(CheckpointManager):
             logger.info(f"Checkpointer keeps the exports of {step_dir}, deletes its DCP state")
             strip_to_exports(step_dir)
         for step_dir in delete:
+            if step_dir.is_symlink() or not step_dir.is_dir():
+                logger.warning(f"retention leaves {step_dir} alone: not a folder this run made")
+                continue
             assert self.purge_thread is not None
-            self.purge_queue.put(str(step_dir))
+            self.purge_queue.put(str(step_dir))  # rmtree: never follows links inside
+
+    def _find_load_step(self, folder: str = "") -> int:
+        """The newest complete ``step-N`` (exact name, a real folder with ``.metadata``):
+        ``step-6.bad`` or a symlinked ``step-6`` is never step 6."""
+        steps = complete_steps(folder or self.folder)
+        return steps[-1] if steps else -1
 
     # ----------------------------------------------------------------------------- load
     @property
@@ -172,27 +217,43 @@ class AnytimeCheckpointManager(CheckpointManager):
         return "train_state" not in self.exclude_from_loading
 
     def load(self, step: int = -1) -> bool:
-        if not self.enable or not os.path.isdir(self.folder):
+        if not self.enable:
             return super().load(step)
-        if _rank() == 0:
-            recover_replaced(self.folder)
-        _barrier()
+        if self.resuming:
+            self._claim_folder()
+        if os.path.isdir(self.folder):
+            if _rank() == 0:
+                recover_replaced(self.folder)
+            _barrier()
+            self._refuse_damaged(self._find_load_step() if step == -1 else step, step)
+        if not os.path.isdir(self.folder) or (step == -1 and self._find_load_step() == -1):
+            if self.initial_load_path and not self.initial_load_in_hf:
+                self._check_trusted(self.initial_load_path, "--checkpoint.initial_load_path")
+                return self._load_initial()
+            return super().load(step)
         load_step = self._find_load_step() if step == -1 else step
         if load_step == -1:
             return super().load(step)
         path = self._create_checkpoint_id(load_step)
-        if not os.path.isdir(path):
+        if not os.path.isdir(path) or Path(path).is_symlink():
             raise CheckpointError(
                 f"checkpoint {path} not found (checkpoint.load_step = {step}); complete "
                 f"checkpoints in {self.folder}: {complete_steps(self.folder) or 'none'}"
+                + self._purged_note(path)
             )
-        if not (Path(path) / META_FILE).is_file() and not self.trust:
+        if not (Path(path) / ".metadata").is_file():
             raise CheckpointError(
-                f"checkpoint {path}: no {META_FILE}, so amuse_dist did not write it. Its DCP "
-                ".metadata is a pickle that can run code when loaded; set "
-                "--anytime.trust_checkpoints only if you trust its author"
+                f"checkpoint {path} has no DCP .metadata: "
+                + (
+                    "its state was purged by retention (its exports are kept)"
+                    if Path(path, META_FILE).is_file()
+                    else "an interrupted or damaged save"
+                )
+                + f"; complete checkpoints in {self.folder}: {complete_steps(self.folder) or 'none'}"
             )
+        self._check_trusted(path, "--anytime.trust_checkpoints")
         check_shard_sizes(path)
+        self._check_steps_ahead(load_step)
         self.check_compatible(path, model_only=load_step == 0)
         changed = self._check_resume_contract(path) if self.resuming and load_step > 0 else []
         if step != -1 and self.resuming:
@@ -216,6 +277,123 @@ class AnytimeCheckpointManager(CheckpointManager):
                 )
         return loaded
 
+    # ----------------------------------------------------------------------------- checks
+    def _collective_error(self, problem: str | None) -> None:
+        """Raise on every rank if any rank found a problem (the first rank's message)."""
+        problems: list[Any] = [problem]
+        if dist.is_initialized():
+            problems = [None] * dist.get_world_size()
+            dist.all_gather_object(problems, problem)
+        first = next((p for p in problems if p), None)
+        if first:
+            raise CheckpointError(first)
+
+    def _check_trusted(self, path: str, flag: str) -> None:
+        """The one trust check before anything is unpickled: the step's manifest must carry this
+        user's signature (rank 0 checks, every rank learns), and every file its digest (each
+        rank checks 1/W of the files). A trusted folder is still checked for integrity."""
+        record: list[Any] = [None, None]
+        if _rank() == 0:
+            why = integrity.trust_problem(path)
+            data = integrity.read_manifest(path)
+            if why and not self.trust:
+                record = [integrity.untrusted_message(path, why, flag), None]
+            else:
+                if why:
+                    logger.warning(f"checkpoint {path} loaded as trusted ({flag}): {why}")
+                record = [None, (data or {}).get("files")]
+        if dist.is_initialized():
+            dist.broadcast_object_list(record, src=0)
+        if record[0]:
+            raise CheckpointError(record[0])
+        files = record[1]
+        if files:
+            world = dist.get_world_size() if dist.is_initialized() else 1
+            exports = {r.split("/", 1)[0] for r in files if "/" in r}
+            dcp = {r: v for r, v in files.items() if r.split("/", 1)[0] not in exports}
+            self._collective_error(integrity.verify_files(path, dcp, _rank(), world))
+
+    def _load_initial(self) -> bool:
+        """``--checkpoint.initial_load_path`` (a DCP step folder), checked like a resume."""
+        path = str(self.initial_load_path)
+        if not os.path.isdir(path) or not (Path(path) / ".metadata").is_file():
+            raise CheckpointError(
+                f"--checkpoint.initial_load_path = {path}: expected a step-N folder with DCP "
+                ".metadata (a complete amuse_dist checkpoint)"
+            )
+        check_shard_sizes(path)
+        model_only = self.initial_load_model_only
+        self.check_compatible(path, model_only=model_only)
+        logger.info(f"Loading the checkpoint from {path} (--checkpoint.initial_load_path)")
+        try:
+            self.dcp_load(
+                self._states_to_load(model_only),
+                checkpoint_id=path,
+                from_hf=False,
+                from_quantized=False,
+            )
+            return True
+        except (Exception, CheckpointException) as e:
+            raise CheckpointError(
+                f"checkpoint {path} could not be loaded (corrupt or incomplete files?): "
+                f"{_describe(e)}"
+            ) from e
+
+    def _claim_folder(self) -> None:
+        """A training run writes only into its own checkpoint folder (see ``owner_problem``)."""
+        problem = None
+        if _rank() == 0:
+            try:
+                this_run = run_id(self.dump_folder)
+                problem = owner_problem(self.folder, self.dump_folder, this_run)
+                self.meta["run_id"] = this_run
+                ck, dump = Path(self.folder).resolve(), Path(self.dump_folder).resolve()
+                if problem is None and this_run and dump not in ck.parents:
+                    claim_checkpoint_folder(self.folder, this_run)  # outside: record the owner
+            except RunError as e:
+                problem = str(e)
+            except OSError as e:
+                problem = os_error_message(e, self.folder, "[checkpoint] folder")
+        self._collective_error(problem)
+
+    def _refuse_damaged(self, load_step: int, step: int) -> None:
+        """A ``step-N`` newer than the step to resume that is no checkpoint is named, never
+        skipped silently (a later save would replace it)."""
+        if step != -1 or not self.resuming:
+            return
+        damaged = {n: why for n, why in damaged_steps(self.folder).items() if n > load_step}
+        if damaged:
+            n = max(damaged)
+            raise CheckpointError(
+                f"{damaged[n]}; refusing to resume from "
+                + (f"step-{load_step}" if load_step >= 0 else "scratch")
+                + f" past it. Move {Path(self.folder) / f'step-{n}'} aside (e.g. rename it "
+                "damaged-step-N) or resume from a step explicitly with --checkpoint.load_step"
+            )
+
+    def _purged_note(self, path: str) -> str:
+        p = Path(path)
+        if p.is_symlink():
+            return f" ({p} is a symlink: never read)"
+        return ""
+
+    def _check_steps_ahead(self, load_step: int) -> None:
+        """A resume whose ``--training.steps`` is already behind the checkpoint trains nothing."""
+        if not self.resuming:
+            return
+        steps = ((self.meta.get("config") or {}).get("training") or {}).get("steps")
+        if isinstance(steps, int) and load_step > steps:
+            raise CheckpointError(
+                f"--training.steps = {steps}, but checkpoint step-{load_step} in {self.folder} "
+                "is already beyond it: nothing would be trained. Raise --training.steps above "
+                f"{load_step}, or roll back with --checkpoint.load_step <= {steps}"
+            )
+        if isinstance(steps, int) and load_step == steps:
+            logger.warning(
+                f"checkpoint step-{load_step} already reached --training.steps = {steps}: "
+                "nothing to train; raise --training.steps to continue"
+            )
+
     def _abandon_after(self, load_step: int) -> None:
         """A rollback: move the later checkpoints aside so a plain restart cannot reach them."""
         moved: list[Any] = [None, []]
@@ -235,6 +413,12 @@ class AnytimeCheckpointManager(CheckpointManager):
         """Refuse the changes the contract refuses (unless overridden); the others, to log."""
         saved = read_meta(path).get("config")
         new = self.meta.get("config")
+        if not saved and new and not self.trust:
+            raise CheckpointError(
+                f"checkpoint {path}: its {META_FILE} has no config, so the resume contract "
+                "cannot be checked (not written by amuse_dist, or edited); resume with "
+                "--anytime.trust_checkpoints only if you know it matches this config"
+            )
         if not saved or not new:
             return []
         changed = resume_contract.changes(saved, new, registry.hparam_sections())
@@ -320,6 +504,21 @@ class AnytimeCheckpointManager(CheckpointManager):
                 "[optimizer] name, or load the weights only (checkpoint.initial_load_path "
                 "with initial_load_model_only = true)"
             )
+
+
+def _os_error(e: BaseException) -> OSError | None:
+    """The OSError behind a save failure (DCP wraps each rank's error)."""
+    if isinstance(e, OSError):
+        return e
+    for failure in (getattr(e, "failures", None) or {}).values():
+        if isinstance(failure, tuple):  # DCP wraps (exception, traceback)
+            failure = failure[0]
+        seen: BaseException | None = failure
+        while seen is not None:
+            if isinstance(seen, OSError):
+                return seen
+            seen = seen.__cause__ or seen.__context__
+    return None
 
 
 def _describe(e: BaseException) -> str:

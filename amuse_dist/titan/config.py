@@ -70,8 +70,8 @@ class Anytime:
     resume_override: list[str] = field(default_factory=list)
     """"section.key" entries a resume may change although the resume contract refuses them."""
     trust_checkpoints: bool = False
-    """Load checkpoints without amuse_meta.json (not written by amuse_dist); their pickled
-    DCP .metadata can run code."""
+    """Load checkpoints your own runs did not write (no amuse_manifest.json signed with your key:
+    another user's run, a plain torchtitan folder); their pickled DCP .metadata can run code."""
     sigterm_poll_steps: int = 10
     """Ranks agree on "did any rank get SIGTERM" (a small CPU collective) every this many steps;
     the run stops at the next such step, so allow this many steps of grace after the signal."""
@@ -351,6 +351,11 @@ def check_values(cfg: Any, explicit: set[tuple[str, str]] = frozenset()) -> list
             f"[validation] steps = {v.steps}: expected an int > 0 (with -1 ranks see "
             "different batch counts and the collectives hang or abort)"
         )
+    if v.enable and v.local_batch_size < 1:
+        errors.append(
+            f"[validation] local_batch_size = {v.local_batch_size}: expected an int >= 1 "
+            "(a validation batch of 0 sequences measures nothing)"
+        )
     if v.enable and v.freq < 1:
         errors.append(f"[validation] freq = {v.freq}: expected an int >= 1")
     if cfg.anytime.export_x:
@@ -413,12 +418,130 @@ def _prelaunch_checks(cfg: Any) -> list[str]:
             f'[checkpoint] async_mode = {_fmt(ck.async_mode)}: expected "disabled" (amuse_dist\'s '
             "checkpoints are atomic: the X export must finish before the folder is published)"
         )
+    errors += _run_folder_checks(cfg)
+    errors += _tokenizer_check(cfg)
     workers = cfg.training.dataloader.num_workers
     if workers != 0 and not dataset_table.is_offline(cfg.training.dataset):
         errors.append(
             f"[training.dataloader] num_workers = {workers}: expected 0 with [training] dataset = "
             f"{_fmt(cfg.training.dataset)} (the world-size-independent loader keeps its stream "
             "position in the training process; token_shards datasets allow workers)"
+        )
+    return errors
+
+
+def disk_space_warning(cfg: Any) -> str | None:
+    """A warning when the checkpoint folder's file system has less free space than two
+    checkpoints (a save is written in full before the previous one may be purged).
+
+    The size: the newest checkpoint's manifest when resuming, else an estimate from the model
+    (about 12 L d^2 + 2 V d fp32 parameters, times 4 for the weights and three optimizer states,
+    plus the X export)."""
+    import os
+    import shutil
+
+    from amuse_dist.anytime import integrity
+    from amuse_dist.anytime import run_format as rf
+
+    ck = cfg.checkpoint
+    if not ck.enable:
+        return None
+    folder = os.path.join(cfg.job.dump_folder, ck.folder)
+    steps = rf.complete_steps(folder)
+    data = integrity.read_manifest(os.path.join(folder, f"step-{steps[-1]}")) if steps else None
+    if data:
+        need = sum(int(v[0]) for v in data["files"].values())
+    else:
+        from amuse_dist.titan.model import FLAVORS
+
+        args = FLAVORS.get(cfg.model.flavor) if cfg.model.name == "llama3_amuse" else None
+        if args is None:
+            return None
+        n = 12 * args.n_layers * args.dim**2 + 2 * args.vocab_size * args.dim
+        need = n * 4 * 5
+    probe = folder
+    while not os.path.exists(probe) and os.path.dirname(probe) != probe:
+        probe = os.path.dirname(probe)
+    free = shutil.disk_usage(probe).free
+    if free >= 2 * need:
+        return None
+    return (
+        f"[checkpoint] folder = {folder}: {free / 1e9:.1f} GB free, a checkpoint needs about "
+        f"{need / 1e9:.1f} GB and a save needs room for two; free space before the first save "
+        "(a full disk stops the run at the save, the previous checkpoint is kept)"
+    )
+
+
+def _tokenizer_check(cfg: Any) -> list[str]:
+    """A ``tokenizer.json`` that does not load (garbage, truncated) is named before start-up,
+    not as a traceback after it (the offline corpus builds its own: not checked here)."""
+    import os
+
+    path = cfg.model.hf_assets_path
+    if not path or not os.path.isfile(os.path.join(path, "tokenizer.json")):
+        return []
+    from amuse_dist.data import DataError
+    from amuse_dist.data.tokenizer import Encoder
+
+    try:
+        Encoder(path)
+    except DataError as e:
+        return [
+            f"[model] hf_assets_path = {path}: {e}; rebuild it with amuse-tokenizer or point "
+            "--model.hf_assets_path at a tokenizer folder"
+        ]
+    return []
+
+
+def _run_folder_checks(cfg: Any) -> list[str]:
+    """What the run folder lets us know before start-up: folders that are files or not
+    writable, an export folder that collides with the Y export, a checkpoint folder of another
+    run, and a resume whose ``[training] steps`` is already behind the newest checkpoint."""
+    import os
+
+    from amuse_dist.anytime import run_format as rf
+
+    errors = []
+    dump = cfg.job.dump_folder
+    problem = rf.check_folder_path(dump, "[job] dump_folder")
+    if problem:
+        return [problem]
+    for name in (rf.LOCK_FILE, rf.LOCK_INFO, "train.log"):
+        if os.path.islink(os.path.join(dump, name)):
+            errors.append(
+                f"{os.path.join(dump, name)} is a symlink to {os.readlink(os.path.join(dump, name))}: "
+                "amuse_dist never writes through a link in the run folder; remove the link (keep "
+                "its target) and rerun"
+            )
+    # rank 0 only: ranks probing together would see each other's probe as a busy folder
+    busy = rf.RunLock(dump).busy() if int(os.environ.get("RANK", "0")) == 0 else None
+    if busy:  # the run state below is the other run's to change: say only this
+        return [busy]
+    ck = cfg.checkpoint
+    if not ck.enable:
+        return errors
+    folder = os.path.join(dump, ck.folder)
+    problem = rf.check_folder_path(folder, "[checkpoint] folder")
+    if problem:
+        return [problem]
+    a = cfg.anytime
+    if a.export_x and a.export_y and a.export_folder == "y":
+        errors.append(
+            '[anytime] export_folder = "y": the Y export ([anytime] export_y = true) is written '
+            'to step-N/y, so the X export would be replaced by it; choose another name, e.g. "x"'
+        )
+    try:
+        problem = rf.owner_problem(folder, dump, rf.run_id(dump, create=False))
+    except OSError:
+        problem = None
+    if problem:
+        errors.append(problem)
+    steps = rf.complete_steps(folder)
+    if ck.load_step == -1 and steps and steps[-1] > cfg.training.steps and not problem:
+        errors.append(
+            f"[training] steps = {cfg.training.steps}: the newest checkpoint in {folder} is "
+            f"step-{steps[-1]}, already beyond it (nothing would be trained); raise "
+            f"--training.steps above {steps[-1]}, or roll back with --checkpoint.load_step"
         )
     return errors
 

@@ -65,6 +65,14 @@ def train(args: list[str]) -> None:
     except ConfigError as e:
         print(f"amuse-train: {e}", file=sys.stderr)
         raise SystemExit(2) from None
+    from amuse_dist.titan.config import disk_space_warning
+
+    low_disk = disk_space_warning(config)
+    if low_disk:
+        logger.warning(low_disk)
+    if os.environ.get("AMUSE_CHECK_ONLY") == "1":  # the launchers' pre-check: exit 2 survives
+        print(f"amuse-train: config OK ({config.job.dump_folder})")
+        return
 
     for note in notes:
         logger.info(note)

@@ -26,6 +26,7 @@ from amuse_dist.anytime.run_format import (
     complete_steps,
     copy_run_assets,
     export_dir,
+    refuse_symlink,
     run_tokenizer_dir,
 )
 from amuse_dist.optim.averaged import averaged_weights, weights_swapped
@@ -412,6 +413,7 @@ def start_run_log(dump_folder: str) -> logging.Handler | None:
         return None
     root = logging.getLogger()
     path = Path(dump_folder).resolve() / "train.log"
+    refuse_symlink(path, "the run log")  # never append to a file outside the run folder
     for h in root.handlers:
         if isinstance(h, logging.FileHandler) and Path(h.baseFilename) == path:
             return h
@@ -459,6 +461,7 @@ def write_resolved_config(cfg: Any, folder: Path) -> Path:
             n += 1
         path.rename(folder / f"config.{n}.toml")
     tmp = folder / ".config.toml.tmp"
+    tmp.unlink(missing_ok=True)  # a link there goes, its target is never written
     tmp.write_text(text)
     tmp.replace(path)
     return path
