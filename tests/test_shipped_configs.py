@@ -2,20 +2,20 @@
 parallelism), shrunk to CPU size (tests/shipped.py), on 2 gloo ranks, and the issue's
 reproduction (debug_cpu.toml with compile and each activation-checkpointing mode, on 1 and 2
 ranks): each trains, writes step-2 and step-4 with X exports, amuse-eval of each export equals
-the validator's loss at those weights, and a resume from step-2 reproduces steps 3 and 4.
-One torchrun per rank count runs every job (tests/workers/shipped_worker.py)."""
+the validator's loss at those weights (evaluated on the training's ranks, as amuse-eval does it),
+and a resume from step-2 reproduces steps 3 and 4. One torchrun per rank count runs every job
+(tests/workers/shipped_worker.py)."""
 
 from __future__ import annotations
 
 import json
 import math
-import subprocess
 from pathlib import Path
 
 import pytest
 
 from amuse_dist.optim import registry
-from tests._titan import REPO, env, run_worker, tb_by_step, torchrun_cmd
+from tests._titan import REPO, run_worker, tb_by_step
 from tests.shipped import STEPS, Job, jobs, read, shipped_configs
 
 pytestmark = pytest.mark.e2e
@@ -37,7 +37,7 @@ def shards(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
 def runs(tmp_path_factory: pytest.TempPathFactory, shards: tuple[Path, Path]) -> Path:
     """Every job trained and resumed: one worker launch per rank count."""
     root = tmp_path_factory.mktemp("shipped")
-    results: dict[str, str | None] = {}
+    results: dict[str, dict] = {}
     for nproc in sorted({j.nproc for j in JOBS}):
         spec = [j.worker_entry(root, *shards) for j in JOBS if j.nproc == nproc]
         (root / f"jobs{nproc}.json").write_text(json.dumps(spec))
@@ -48,18 +48,6 @@ def runs(tmp_path_factory: pytest.TempPathFactory, shards: tuple[Path, Path]) ->
     return root
 
 
-def amuse_eval(job: Job, runs: Path) -> list[dict]:
-    """amuse-eval of the job's X exports (each step) on the job's own rank count: with bf16
-    compute the loss follows the per-rank batch shape (fp32 configs match on any rank count,
-    tests/test_token_shards.py)."""
-    run, res = runs / job.name / "straight", runs / job.name / "amuse_eval"
-    target = ["-m", "amuse_dist.eval", str(run), "--source", "export", "--out", str(res)]
-    cmd = torchrun_cmd(job.nproc, *target, "--no-progress")
-    proc = subprocess.run(cmd, cwd=REPO, env=env(runs), capture_output=True, text=True)
-    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
-    return json.loads(res.with_suffix(".json").read_text())
-
-
 def test_the_folder_has_the_shipped_configs() -> None:
     names = {c.stem for c in shipped_configs()}
     assert {"debug_cpu", "llama3_124m", "llama3_8b", "adamw_124m"} <= names, names
@@ -67,8 +55,8 @@ def test_the_folder_has_the_shipped_configs() -> None:
 
 @pytest.mark.parametrize("job", JOBS, ids=[j.name for j in JOBS])
 def test_shipped_config(job: Job, runs: Path) -> None:
-    error = json.loads((runs / "results.json").read_text())[job.name]
-    assert error is None, f"{job.name}:\n{error}"
+    result = json.loads((runs / "results.json").read_text())[job.name]
+    assert result["error"] is None, f"{job.name}:\n{result['error']}"
     straight, resumed = runs / job.name / "straight", runs / job.name / "resumed"
     ckpt = straight / "checkpoint"
     steps = sorted(p.name for p in ckpt.iterdir() if p.name.startswith("step-"))
@@ -77,13 +65,16 @@ def test_shipped_config(job: Job, runs: Path) -> None:
         info = json.loads((ckpt / f"step-{step}" / "x" / "amuse_export.json").read_text())
         assert info["step"] == step
 
-    # amuse-eval of each step's export equals what the validator logged for those weights
+    # amuse-eval of each step (its DCP state and its export) equals what the validator logged
     averaging = registry.get(read(job.config)["optimizer"]["name"]).averaging
     logged = tb_by_step(straight, "validation_x/loss" if averaging else "validation_y/loss")
-    got = {r["step"]: r["loss"] for r in amuse_eval(job, runs)}
-    assert set(got) == {2, 4}, got
-    for step in (2, 4):
-        assert got[step] == pytest.approx(logged[step], rel=1e-5, abs=1e-5), (step, got, logged)
+    rows = result["eval"]
+    assert sorted((r["source"], r["step"]) for r in rows) == [
+        ("dcp", 2), ("dcp", 4), ("export", 2), ("export", 4)
+    ], rows  # fmt: skip
+    for r in rows:
+        assert r["weights"] == ("x" if averaging else "y"), r
+        assert r["loss"] == pytest.approx(logged[r["step"]], rel=1e-5, abs=1e-5), (r, logged)
 
     # the resume from step-2 reproduces steps 3 and 4
     want = tb_by_step(straight, "loss_metrics/global_avg_loss")
