@@ -100,7 +100,7 @@ def test_stop_line_and_config_record(tmp_path: Path) -> None:
         stop_line("finished", 10, "", 2560)
         == "run stopped: finished at step 10 (tokens seen 2,560)"
     )
-    assert stop_line("refused", None, "why") == "run stopped: refused: why"
+    assert stop_line("refused", None, "why:\n  a\n  b") == "run stopped: refused: why: / a / b"
     a = config_text({"training": {"steps": 3, "x": None}}, "cmd one")
     path = write_config_record(tmp_path, a)
     assert "steps = 3" in path.read_text() and "x =" not in path.read_text()
@@ -376,3 +376,67 @@ def test_slurm_script_with_stub_commands(tmp_path: Path) -> None:
     assert f"--job.dump_folder {tmp_path}/outputs/runs/myrun" in launch
     assert "srun got TERM" in calls and "scontrol requeue 77" in calls, calls
     assert "SRUN_CPUS_PER_TASK=24" in calls
+
+
+# ------------------------------------------------------------------------------ docs
+DOCS = ("README.md", "launch/README.md", "docs/usage.md", "docs/data.md", "docs/checkpoints.md")
+EXAMPLE_NAMES = {"my_hub_data"}  # the "Adding a dataset" example defines it
+
+
+def _datasets_in_config(path: Path) -> tuple[str, str]:
+    import tomllib
+
+    toml = tomllib.loads(path.read_text())
+    return toml["training"]["dataset"], toml["validation"]["dataset"]
+
+
+def test_docs_name_only_datasets_that_exist() -> None:
+    """Every dataset name the docs use (in an option, a TOML line or the dataset table) is
+    registered, and the shipped-configs table says what each config really trains on."""
+    from amuse_dist.titan import launch
+
+    launch.setup_device()
+    from torchtitan.hf_datasets.text_datasets import DATASETS
+
+    from amuse_dist.titan.data import register_datasets
+
+    register_datasets()
+    known = set(DATASETS)
+    named: dict[str, set[str]] = {}
+    option = re.compile(r"(?:--(?:training|validation)\.dataset[ =]|dataset = \")([A-Za-z0-9_]+)")
+    table = re.compile(r"^\| `([a-z0-9_]+)`(?: / `([a-z0-9_]+)`|, `([a-z0-9_]+)`)? \|", re.M)
+    for doc in DOCS:
+        text = (REPO / doc).read_text()
+        names = set(option.findall(text))
+        if doc == "docs/usage.md":
+            section = text.split("Dataset names go in")[1].split("###")[0]
+            names |= {n for row in table.findall(section) for n in row if n}
+        named[doc] = names - EXAMPLE_NAMES
+    unknown = {doc: sorted(n - known) for doc, n in named.items() if n - known}
+    assert not unknown, unknown
+    assert {"token_shards", "local_text", "fineweb_edu"} <= named["docs/usage.md"]
+
+    usage = (REPO / "docs" / "usage.md").read_text()
+    shipped = usage.split("### Shipped configs")[1].split("###")[0]
+    previous = None
+    rows = [r for r in shipped.splitlines() if re.match(r"\| `[a-z0-9_]+\.toml`", r)]
+    listed = [r.split("`")[1] for r in rows]
+    assert sorted(listed) == sorted(c.name for c in (REPO / "train_configs").glob("*.toml"))
+    for row in rows:  # in table order: "same" means the row above
+        config = REPO / "train_configs" / row.split("`")[1]
+        data = row.split("|")[-3].strip()
+        train, val = _datasets_in_config(config)
+        if data.startswith("same"):
+            assert previous == (train, val), (config.name, data, previous)
+        else:
+            assert f"`{train}`" in data and (val == train or f"`{val}`" in data), (
+                config.name,
+                data,
+            )
+        previous = (train, val)
+    readme = (REPO / "launch" / "README.md").read_text()
+    for config in re.findall(r"train_configs/([a-z0-9_]+\.toml)", readme):
+        assert (REPO / "train_configs" / config).is_file(), config
+    big = [_datasets_in_config(c) for c in (REPO / "train_configs").glob("llama3_[0-9]*.toml")]
+    assert all(d == ("token_shards", "token_shards") for d in big)
+    assert "configs train and validate on `token_shards`" in readme

@@ -59,8 +59,10 @@ def stop_line(
 ) -> str:
     """The last line of ``train.log``: ``run stopped: <kind>[ at step N][ (tokens seen T)][: detail]``.
 
-    ``kind`` is one of finished, preempted, interrupted, diverged, refused, crashed.
+    ``kind`` is one of finished, preempted, interrupted, aborted, diverged, refused, crashed.
+    One line, so ``tail -n 1 train.log`` says it: a multi-line message is joined with " / ".
     """
+    detail = " / ".join(line.strip() for line in detail.splitlines() if line.strip())
     text = STOP_PREFIX + kind
     if step is not None:
         text += f" at step {step}"
