@@ -140,7 +140,8 @@ def main(argv: list[str] | None = None) -> None:
 
     def stop(kind: str, detail: str, error: bool = False, tokens: int | None = None) -> None:
         """Close the trainer, then say why the run stopped (the last line of train.log)."""
-        step = trainer.step if trainer is not None else None
+        started = trainer is not None and getattr(trainer, "_started", False)
+        step = trainer.step if started and kind != "refused" else None
         if trainer is not None:
             try:
                 trainer.close()
