@@ -572,10 +572,11 @@ def check_cli_keys(args: list[str]) -> list[str]:
             hints = typing.get_type_hints(cls) if dataclasses.is_dataclass(cls) else {}
             name = part[3:] if part.startswith("no_") and part[3:] in hints else part
             if name not in hints:
-                where = "[" + ".".join(parts[:i]) + "] " if i else "section "
-                errors.append(
-                    f"{a.split('=', 1)[0]}: unknown {where}{part!r}{_did_you_mean(part, list(hints))}"
-                )
+                flag, dym = a.split("=", 1)[0], _did_you_mean(part, list(hints))
+                if i:
+                    errors.append(f"{flag}: [{'.'.join(parts[:i])}] {part}: unknown key{dym}")
+                else:
+                    errors.append(f"{flag}: [{part}]: unknown section{dym}")
                 break
             cls = hints[name]
     return errors
