@@ -256,6 +256,18 @@ def test_config_record_reruns_the_run_and_refusals_leave_it(tmp_path: Path, asse
     assert re.search(r"run stopped: diverged at step \d+", _last_line(div)), _last_line(div)
 
 
+def test_a_crash_is_the_last_line_of_train_log(tmp_path: Path, assets: Path) -> None:
+    """An unexpected exception: the traceback stays, train.log ends with "crashed: <exception>"."""
+    dump = tmp_path / "run"
+    e = env(tmp_path)
+    e.update(CUDA_VISIBLE_DEVICES="", AMUSE_DUMP_INIT_STATE="/proc/amuse-no-such-dir/init.pt")
+    cmd = [sys.executable, "-m", "amuse_dist.train", *run_args(dump, assets, steps=2)]
+    r = subprocess.run(cmd, cwd=REPO, env=e, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 1 and "Traceback" in r.stderr, r.stderr[-3000:]
+    assert re.search(r"run stopped: crashed: \w+Error: ", _last_line(dump)), _last_line(dump)
+    assert not (dump / "config.toml").exists()  # it never started
+
+
 def _wait_for(path: Path, pattern: str, proc: subprocess.Popen, timeout: float = 240) -> None:
     end = time.monotonic() + timeout
     while time.monotonic() < end:
