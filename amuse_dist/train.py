@@ -90,6 +90,10 @@ def launch_local(opts: dict[str, str], args: list[str]) -> int:
     from pathlib import Path
 
     nproc, nnodes = int(opts["nproc"]), int(opts.get("nnodes", "1"))
+    launch.setup_device()
+    from amuse_dist.titan import cpu
+
+    cpu.quiet_known_noise()  # the ranks say what matters; the check here stays quiet
     config = _check(args, nproc * nnodes)
     env = dict(os.environ, AMUSE_QUIET_RANKS="1")
     if "OMP_NUM_THREADS" not in env and not launch.has_cuda():

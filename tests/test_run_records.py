@@ -69,6 +69,10 @@ Root Cause (first observed failure):
         "amuse-train: checkpoint /x/step-4: [amuse] beta1 changed 0.6 -> 0.5: refused",
     ]
     assert f.rank_exit_code(1) == 2 and f.rank_exit_code(0) == 0
+    h = ConsoleFilter()  # the same multi-line error from two ranks: shown once
+    lines = ["amuse-train: refused:", "  [amuse] beta1", "Resume with ...", "12:00:03 next"]
+    shown = [h.feed(x) for x in [*lines[:3], *lines]]
+    assert [x for x in shown if x is not None] == lines
     crash = ["Traceback (most recent call last):", '  File "a.py", line 1', "ValueError: bad"]
     g = ConsoleFilter()
     assert [g.feed(x) for x in crash] == [None, None, "ValueError: bad"]
@@ -327,6 +331,19 @@ def test_ctrl_c_saves_on_2_ranks_and_a_second_aborts(tmp_path: Path, assets: Pat
         rf"aborted at step \d+.*newest checkpoint is step-{step}, the \d+ steps", out
     ), out[-3000:]
     assert (dump / "checkpoint" / f"step-{step}").is_dir()
+
+    # a refusal after start-up, through the launcher: the rank's status (2), its error once,
+    # torchrun's report only in torchrun.log
+    record = (dump / "config.toml").read_bytes()
+    args = run_args(dump, assets, steps=100000, validation__enable=False, amuse__beta1=0.5)
+    r = _train(args, tmp_path, nproc=2)
+    out = r.stdout + r.stderr
+    assert r.returncode == 2, out[-4000:]
+    assert out.count("amuse-train: checkpoint") == 1 and "beta1" in out, out[-4000:]
+    assert "ChildFailedError" not in out and "Traceback" not in out, out[-4000:]
+    assert "ChildFailedError" in (dump / "torchrun.log").read_text()
+    assert (dump / "config.toml").read_bytes() == record
+    assert _last_line(dump).split(" - ")[-1].startswith("run stopped: refused: checkpoint")
 
 
 # ------------------------------------------------------------------------------ SLURM script

@@ -164,6 +164,7 @@ _CHAINED = (
     "The above exception was the direct cause",
     "During handling of the above exception",
 )
+_TIMESTAMP = re.compile(r"^(\[titan\] )?\d{2}:\d{2}:\d{2}|^\[titan\]")
 _EXITCODE = re.compile(r"^\s*exitcode\s*:\s*(-?\d+)")
 
 
@@ -178,6 +179,7 @@ class ConsoleFilter:
         self.in_traceback = False
         self.in_report = False
         self.seen: set[str] = set()
+        self.repeating = False
         self.exit_codes: list[int] = []
         self.root_cause_codes: list[int] = []
         self._root = False
@@ -207,10 +209,17 @@ class ConsoleFilter:
             return self._once(text)
         if text.startswith("amuse-train:"):
             return self._once(text)
+        if self.repeating:  # the rest of an error another rank already reported
+            if not _TIMESTAMP.match(text):
+                return None
+            self.repeating = False
         return text
 
     def _once(self, text: str) -> str | None:
-        if text in self.seen:
+        """The line the first time; a repeat (the same error from another rank) is dropped
+        with the lines that continue it."""
+        self.repeating = text in self.seen
+        if self.repeating:
             return None
         self.seen.add(text)
         return text
