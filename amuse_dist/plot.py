@@ -2,8 +2,9 @@
 
 Two panels, against optimizer steps and against tokens seen: the training loss
 (``loss_metrics/global_avg_loss``) and the validation loss at X (``validation_x/loss``) and at
-Y (``validation_y/loss``). Tokens come from ``progress/tokens_seen`` (logged with the loss) or,
-for runs without it, from the run's ``config.toml`` (global batch x seq_len per step).
+Y (``validation_y/loss``). Tokens come from ``progress/tokens_seen`` (the trainer's count, logged
+with the loss; exact across resumes on other rank counts) or, for runs without it, from the
+run's ``config.toml`` (global batch x seq_len per step).
 Needs matplotlib (``pip install amuse_dist[plot]``).
 """
 
@@ -37,12 +38,28 @@ def read_scalars(run: Path) -> dict[str, dict[int, float]]:
     return out
 
 
-def tokens_per_step(run: Path, scalars: dict[str, dict[int, float]]) -> float | None:
-    """Tokens per optimizer step, from the logged tokens or the run's config.toml."""
-    logged = scalars.get(TOKENS, {})
-    if logged:
-        step = max(logged)
-        return logged[step] / step if step else None
+def tokens_at(steps: list[int], logged: dict[int, float]) -> list[float]:
+    """The tokens seen at each of ``steps``, from the run's own count (``progress/tokens_seen``,
+    training state that stays exact across resumes on other rank counts): exact at the logged
+    steps, linear in between (a step not logged lies between two that were), extrapolated
+    from the nearest logged stretch outside them."""
+    import numpy as np
+
+    known = sorted(logged)
+    xs = np.array([0, *known], dtype=float)
+    ys = np.array([0.0, *(logged[s] for s in known)])
+    out = np.interp(steps, xs, ys)
+    last = len(xs) - 1
+    if last >= 1:
+        slope = (ys[last] - ys[last - 1]) / (xs[last] - xs[last - 1])
+        out = np.where(
+            np.array(steps) > xs[last], ys[last] + slope * (np.array(steps) - xs[last]), out
+        )
+    return [float(v) for v in out]
+
+
+def tokens_per_step(run: Path) -> float | None:
+    """Tokens per optimizer step from the run's config.toml (runs that logged no token count)."""
     config = run / "config.toml"
     if not config.is_file():
         return None
@@ -71,7 +88,8 @@ def plot_runs(runs: list[Path], out: Path, labels: list[str] | None = None) -> P
         scalars = read_scalars(run)
         label = labels[i] if labels else run.name
         color = colors[i % len(colors)]
-        per_step = tokens_per_step(run, scalars)
+        logged = scalars.get(TOKENS, {})
+        per_step = None if logged else tokens_per_step(run)
         for tag, name, style in CURVES:
             series = scalars.get(tag)
             if not series:
@@ -81,8 +99,8 @@ def plot_runs(runs: list[Path], out: Path, labels: list[str] | None = None) -> P
             kwargs = dict(color=color, markersize=3, linewidth=1.2 if tag == TRAIN else 1.6)
             alpha = 0.45 if tag == TRAIN else 1.0
             ax_steps.plot(steps, values, style, label=f"{label}: {name}", alpha=alpha, **kwargs)
-            if per_step:
-                tokens = [s * per_step for s in steps]
+            if logged or per_step:
+                tokens = tokens_at(steps, logged) if logged else [s * per_step for s in steps]
                 ax_tokens.plot(tokens, values, style, alpha=alpha, **kwargs)
     ax_steps.set_xlabel("step")
     ax_tokens.set_xlabel("tokens seen")

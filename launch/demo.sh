@@ -15,7 +15,7 @@ start=$(date +%s)
 set +e  # keep the trainer's exit status, whatever grep finds
 NPROC=2 bash launch/run_local.sh --job.config_file train_configs/debug_cpu.toml \
   --job.dump_folder "$RUN_DIR" "$@" 2>&1 | tee "$RUN_DIR/console.log" | grep --line-buffered -E \
-  "step +[0-9]+/[0-9]+ .*loss|validate step|Saving checkpoint|preempted|Error|error"
+  "step +[0-9]+/[0-9]+ .*loss|validate step|Saving checkpoint|run stopped|amuse-train:|Error|error"
 status=${PIPESTATUS[0]}
 set -e
 [ "$status" -eq 0 ] || { echo "training failed (exit $status), log: $RUN_DIR/console.log"; exit "$status"; }

@@ -30,6 +30,7 @@ from tests._titan import REPO, read_x, tb_by_step, torchrun_cmd
 DEVICE = os.environ.get("AMUSE_GPU_TESTS_DEVICE", "cuda")
 pytestmark = [
     pytest.mark.gpu,
+    pytest.mark.e2e,  # a tier too: `make test-fast` never runs them
     pytest.mark.skipif(DEVICE == "cuda" and not torch.cuda.is_available(), reason="needs CUDA"),
 ]
 

@@ -50,6 +50,9 @@ def _snapshot(*roots: Path) -> dict[str, str]:
     return out
 
 
+pytestmark = pytest.mark.e2e
+
+
 def _train(args: list[str], tmp: Path) -> tuple[int, str]:
     cmd = torchrun_cmd(1, "-m", "amuse_dist.train", *args)
     proc = subprocess.run(cmd, cwd=REPO, env=env(tmp), capture_output=True, text=True, timeout=400)

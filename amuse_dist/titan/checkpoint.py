@@ -93,10 +93,13 @@ class AnytimeCheckpointManager(CheckpointManager):
         trust: bool = False,
         resume_override: list[str] | tuple[str, ...] = (),
         keep_exports: int = 0,
+        optional_states: tuple[str, ...] = (),
         **kwargs: Any,
     ) -> None:
         super().__init__(*args, **kwargs)
         self.dump_folder = str(kwargs.get("base_folder") or Path(self.folder).parent)
+        # states a checkpoint written before they existed lacks: skipped on load, not an error
+        self.optional_states = tuple(optional_states)
         self.export_fn = export_fn
         self.keep_exports = keep_exports
         self.meta = dict(meta or {})
@@ -259,6 +262,9 @@ class AnytimeCheckpointManager(CheckpointManager):
         if step != -1 and self.resuming:
             self._abandon_after(load_step)
         fresh = self._hyper_parameters()
+        absent = self._absent_optional_states(path) if load_step > 0 else []
+        excluded = self.exclude_from_loading
+        self.exclude_from_loading = [*excluded, *absent]
         try:
             loaded = super().load(load_step)
         except (Exception, CheckpointException) as e:  # DCP's errors name neither folder nor cause
@@ -266,6 +272,8 @@ class AnytimeCheckpointManager(CheckpointManager):
                 f"checkpoint {path} could not be loaded (corrupt or incomplete files?): "
                 f"{_describe(e)}"
             ) from e
+        finally:
+            self.exclude_from_loading = excluded
         if self.resuming:
             self._apply_hyper_parameters(fresh)
             for c in changed:
@@ -393,6 +401,14 @@ class AnytimeCheckpointManager(CheckpointManager):
                 f"checkpoint step-{load_step} already reached --training.steps = {steps}: "
                 "nothing to train; raise --training.steps to continue"
             )
+
+    def _absent_optional_states(self, path: str) -> list[str]:
+        """The optional states this checkpoint does not hold (written before they existed)."""
+        wanted = [n for n in self.optional_states if n in self.states]
+        if not wanted or any(n in self.exclude_from_loading for n in wanted):
+            return []
+        keys = FileSystemReader(path).read_metadata().state_dict_metadata
+        return [n for n in wanted if not any(k.startswith(f"{n}.") for k in keys)]
 
     def _abandon_after(self, load_step: int) -> None:
         """A rollback: move the later checkpoints aside so a plain restart cannot reach them."""

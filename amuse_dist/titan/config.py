@@ -72,6 +72,9 @@ class Anytime:
     trust_checkpoints: bool = False
     """Load checkpoints your own runs did not write (no amuse_manifest.json signed with your key:
     another user's run, a plain torchtitan folder); their pickled DCP .metadata can run code."""
+    allow_bf16_master_weights: bool = False
+    """Let an averaging optimizer (AMUSE, SF-AdamW) run with ``training.dtype = "bfloat16"``
+    (bf16 master weights). Off: refused, as X's small averaging steps round away in bf16."""
     sigterm_poll_steps: int = 10
     """Ranks agree on "did any rank get SIGTERM" (a small CPU collective) every this many steps;
     the run stops at the next such step, so allow this many steps of grace after the signal."""
@@ -404,6 +407,17 @@ def _optimizer_checks(cfg: Any, spec: registry.OptimizerSpec, explicit: set) -> 
                 )
         if cfg.optimizer.early_step_in_backward:
             errors.append(f"[optimizer] early_step_in_backward = true: not supported by {name}")
+        if (
+            spec.averaging
+            and cfg.training.dtype == "bfloat16"
+            and not cfg.anytime.allow_bf16_master_weights
+        ):
+            errors.append(
+                f'[training] dtype = "bfloat16": bf16 master weights with {name}, whose averaged '
+                "weights X move by c_t ~ 1/t of a step (about 0.01): in bf16 (8 mantissa bits) "
+                'X stops moving. Use dtype = "float32" (mixed_precision_param = "bfloat16" '
+                "keeps bf16 compute), or set [anytime] allow_bf16_master_weights = true"
+            )
         if cfg.fault_tolerance.enable:
             errors.append(f"[fault_tolerance] enable = true: not supported by {name}")
     return errors
@@ -660,6 +674,33 @@ def check_toml(path: str) -> list[str]:
     return errors
 
 
+def check_cli_keys(args: list[str]) -> list[str]:
+    """Unknown ``--section.key`` overrides, one line each (tyro's own message is a box of
+    help text that hides which key was wrong)."""
+    import dataclasses
+    import typing
+
+    errors = []
+    root = merged_job_config_cls()
+    for a in args:
+        if not a.startswith("--") or "." not in a.split("=", 1)[0]:
+            continue
+        parts = a[2:].split("=", 1)[0].replace("-", "_").split(".")
+        cls: Any = root
+        for i, part in enumerate(parts):
+            hints = typing.get_type_hints(cls) if dataclasses.is_dataclass(cls) else {}
+            name = part[3:] if part.startswith("no_") and part[3:] in hints else part
+            if name not in hints:
+                flag, dym = a.split("=", 1)[0], _did_you_mean(part, list(hints))
+                if i:
+                    errors.append(f"{flag}: [{'.'.join(parts[:i])}] {part}: unknown key{dym}")
+                else:
+                    errors.append(f"{flag}: [{part}]: unknown section{dym}")
+                break
+            cls = hints[name]
+    return errors
+
+
 def _cli_value(args: list[str], key: str) -> str | None:
     """The value given to ``--key`` on the command line (last one wins), if any."""
     value = None
@@ -723,6 +764,7 @@ def load_job_config(args: list[str]) -> Any:
     toml = load_toml(path) if path is not None else {}
     import_plugins(args, toml)
     errors = check_toml(path) if path is not None else []
+    errors += check_cli_keys(args)
     name = _cli_value(args, "optimizer.name")
     if name is not None and registry.find(name) is None:
         errors.append(f"--optimizer.name {name}: {registry.unknown_message(name)}")

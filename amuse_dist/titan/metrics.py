@@ -7,7 +7,9 @@ The training line says where the run is, what it has seen and when it will end::
 On an interactive terminal a tqdm bar is added after the step, and torchtitan's colours are used
 unless ``[metrics] disable_color_printing``; in a file (SLURM logs, ``train.log``) the line is
 plain. The optimizer's scalars (beta_t, c_t, update RMS) follow on a second line and go to
-TensorBoard/W&B with ``progress/tokens_seen`` through ``extra_metrics``. torchtitan's
+TensorBoard/W&B with ``progress/tokens_seen`` through ``extra_metrics``. The tokens seen are
+the trainer's count (training state saved in every checkpoint, exact across resumes on other
+rank counts), never step x the current global batch. torchtitan's
 ``train_step`` calls ``log`` on every rank, which ``update_rms()`` (a collective) needs.
 """
 
@@ -16,6 +18,7 @@ from __future__ import annotations
 import logging
 import sys
 import time
+from collections.abc import Callable
 from typing import Any
 
 from torchtitan.components.metrics import MetricsProcessor
@@ -73,6 +76,8 @@ class AmuseMetricsProcessor(MetricsProcessor):
         if not self.tty:  # ANSI codes only where a terminal renders them
             self.color = utils.NoColor()
         self.tokens_per_step = tokens_per_step(job_config, parallel_dims)
+        # the trainer's tokens seen (training state, a collective); None: step x global batch
+        self.tokens_source: Callable[[], int] | None = None
         self.last_validation: dict[str, Any] = {}
         self._start: float | None = None  # wall time when training started in this process
         self._first: tuple[float, int] | None = None  # (time, step) of the first logged step
@@ -126,7 +131,7 @@ class AmuseMetricsProcessor(MetricsProcessor):
         tflops = self.num_flops_per_token * tps / 1e12
         time_data = sum(self.data_loading_times)
         mem = self.device_memory_monitor.get_peak_stats()
-        tokens = step * self.tokens_per_step
+        tokens = self.tokens_source() if self.tokens_source else step * self.tokens_per_step
         metrics: dict[str, Any] = {
             "loss_metrics/global_avg_loss": global_avg_loss,
             "loss_metrics/global_max_loss": global_max_loss,
@@ -148,6 +153,8 @@ class AmuseMetricsProcessor(MetricsProcessor):
         opt_metrics = self.optimizer_metrics()
         metrics.update(extra_metrics or {})
         metrics.update(opt_metrics)
+        if "n_tokens_seen" in metrics:  # torchtitan's per-rank sum forgets earlier world sizes
+            metrics["n_tokens_seen"] = tokens
         self.logger.log(metrics, step)
 
         c = self.color

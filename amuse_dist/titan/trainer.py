@@ -7,12 +7,14 @@ import re
 import shlex
 import signal
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.distributed as dist
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+from torch.distributed.checkpoint.stateful import Stateful
 from torchtitan.distributed import ParallelDims
 from torchtitan.tools.logging import logger
 from torchtitan.train import Trainer
@@ -29,12 +31,84 @@ from amuse_dist.anytime.run_format import (
     refuse_symlink,
     run_tokenizer_dir,
 )
+from amuse_dist.anytime.run_records import config_text, stop_line, write_config_record
 from amuse_dist.optim.averaged import averaged_weights, weights_swapped
 from amuse_dist.optim.names import named_parameters
 from amuse_dist.optim.protocols import averaging
 from amuse_dist.titan import spec as train_spec
 from amuse_dist.titan.checkpoint import AnytimeCheckpointManager
 from amuse_dist.titan.export import export_hf
+from amuse_dist.titan.launch import FULL_LOG_FORMAT
+
+
+class GuardedStep:
+    """Mixin for an optimizers container: ``step`` runs only when ``step_allowed()`` says so;
+    a refused step drops the gradients instead (the divergence guard)."""
+
+    step_allowed: Any = None
+
+    def step(self, *args: Any, **kwargs: Any) -> Any:
+        if self.step_allowed is not None and not self.step_allowed():
+            self.zero_grad()  # type: ignore[attr-defined]
+            return None
+        return super().step(*args, **kwargs)  # type: ignore[misc]
+
+
+_GUARDED: dict[type, type] = {}
+
+
+def guarded_container_class(cls: type) -> type:
+    """``GuardedStep`` over ``cls`` (one class per container class)."""
+    if issubclass(cls, GuardedStep):
+        return cls
+    if cls not in _GUARDED:
+        _GUARDED[cls] = type(f"Guarded{cls.__name__}", (GuardedStep, cls), {})
+    return _GUARDED[cls]
+
+
+PROGRESS = "progress"  # the checkpoint state that holds the tokens seen
+_SAME_SIGNAL_S = 2.0  # a repeat of the stop signal within this is the same request (torchrun)
+
+
+class TokensSeen(Stateful):
+    """Tokens the run has trained on, over all ranks and every resume: training state.
+
+    Each rank adds the tokens of the batches it consumes (``add``, no collective); ``sync``
+    sums what the data-parallel ranks added since the last sync (one all-reduce, on the steps
+    that log or save) onto the total restored from the checkpoint. The checkpoint holds that one
+    global number, the same on every rank, so it restores at any rank count. Ranks that share a
+    batch (tensor or context parallel) are one data-parallel rank: only the batch mesh is summed.
+    """
+
+    def __init__(self, mesh: Any = None, device: Any = "cpu") -> None:
+        self.total = 0  # global tokens up to the last sync
+        self.pending = 0  # this rank's tokens since the last sync
+        self.restored = False  # loaded from a checkpoint (old checkpoints lack it)
+        self.mesh = mesh
+        self.device = device
+
+    def add(self, n: int) -> None:
+        self.pending += int(n)
+
+    def sync(self) -> int:
+        """The global count (a collective over the batch mesh when data parallel)."""
+        if self.mesh is not None:
+            t = torch.tensor([self.pending], dtype=torch.int64, device=self.device)
+            dist.all_reduce(t, group=self.mesh.get_group())
+            added = int(t.item())
+        else:
+            added = self.pending
+        self.total += added
+        self.pending = 0
+        return self.total
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"tokens_seen": self.sync()}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.total = int(state_dict["tokens_seen"])
+        self.pending = 0
+        self.restored = True
 
 
 class AmuseTrainer(Trainer):
@@ -53,22 +127,22 @@ class AmuseTrainer(Trainer):
         record_run = not evaluating
         train_spec.register(job_config)
         self._log_handler = start_run_log(job_config.job.dump_folder) if record_run else None
+        self._record_run = record_run
+        self._started = False
         super().__init__(job_config)
-        if record_run and dist.get_rank() == 0:
-            try:
-                path = write_resolved_config(job_config, Path(job_config.job.dump_folder))
-                logger.info(f"resolved config saved to {path}; the log goes to train.log beside it")
-            except (OSError, TypeError, ValueError) as e:  # a record, never a reason to stop
-                logger.warning(f"could not write the resolved config.toml: {e}")
+        dims = self.parallel_dims
+        self.tokens = TokensSeen(dims.get_mesh("batch") if dims.dp_enabled else None, self.device)
+        self.metrics_processor.tokens_source = self.tokens.sync
         self._replace_checkpointer()
         self._guard_optimizer_step()
         if getattr(self, "validator", None) is not None:
             self.validator.optimizers = self.optimizers
         self._sigterm = False
         self.preempted = False
+        self.stop_reason: tuple[str, str] | None = None  # (kind, detail) once training ended
         self._flag_group: dist.ProcessGroup | None = None
         if job_config.anytime.save_on_sigterm:
-            signal.signal(signal.SIGTERM, self._on_sigterm)
+            self._install_stop_signals()
             # a CPU group: polling the flag every step must not sync the GPU stream
             self._flag_group = dist.new_group(backend="gloo")
 
@@ -85,7 +159,8 @@ class AmuseTrainer(Trainer):
             model_parts=self.model_parts,
             optimizers=self.optimizers,
             lr_schedulers=self.lr_schedulers,
-            states={"train_state": self},
+            states={"train_state": self, PROGRESS: self.tokens},
+            optional_states=(PROGRESS,),
             checkpoint_config=cfg.checkpoint,
             sd_adapter=sd_adapter,
             base_folder=cfg.job.dump_folder,
@@ -153,7 +228,7 @@ class AmuseTrainer(Trainer):
             model={"name": cfg.model.name, "flavor": cfg.model.flavor},
             beta_y=_beta_y(self.optimizers),
             folder=folder,
-            tokens_seen=step * self.metrics_processor.tokens_per_step,
+            tokens_seen=self.tokens.sync(),
             n_params=sum(p.numel() for m in self.model_parts for p in m.parameters()),
             hyperparameters=_hyperparameters(cfg),
             validation=self._validation_for_card(step, weights),
@@ -216,6 +291,12 @@ class AmuseTrainer(Trainer):
         return self._all_ranks_true(self._finite(tensors))
 
     def _guard_optimizer_step(self) -> None:
+        """Make the optimizers container a ``GuardedStep`` subclass of its own class whose
+        ``step`` asks ``_step_allowed`` first (any container: ours or torchtitan's AdamW)."""
+        self.optimizers.__class__ = guarded_container_class(type(self.optimizers))
+        self.optimizers.step_allowed = self._step_allowed
+
+    def _step_allowed(self) -> bool:
         """Take the optimizer step only when every gradient is finite; otherwise skip it (up to
         ``[anytime] nonfinite_skips`` times) or stop the run with DivergenceError.
 
@@ -224,39 +305,31 @@ class AmuseTrainer(Trainer):
         read the loss back anyway), and the finite-state check before every save keeps a
         diverged state from being published in between. A non-logging step stays free of host
         syncs (issue 10)."""
-        container = self.optimizers
-        real_step = container.step
-
-        def guarded_step(*args: Any, **kwargs: Any) -> Any:
-            every_step = self.job_config.anytime.nonfinite_skips > 0
-            if not (every_step or self.metrics_processor.should_log(self.step)):
-                return real_step(*args, **kwargs)
-            grads = [p.grad for m in self.model_parts for p in m.parameters() if p.grad is not None]
-            if self._all_ranks_true(self._finite(grads)):
-                return real_step(*args, **kwargs)
-            self._skipped_steps += 1
-            limit = self.job_config.anytime.nonfinite_skips
-            if self._skipped_steps > limit:
-                newest = complete_steps(self.checkpointer.folder) if self.checkpointer else []
-                raise DivergenceError(
-                    f"step {self.step}: non-finite loss or gradient (diverged; "
-                    f"{self._skipped_steps - 1} of [anytime] nonfinite_skips = {limit} skips "
-                    "used). Nothing non-finite was saved; "
-                    + (
-                        f"newest checkpoint: step-{newest[-1]}, resume from it"
-                        if newest
-                        else "no checkpoint yet, restart"
-                    )
-                    + " with a lower --optimizer.lr"
+        limit = self.job_config.anytime.nonfinite_skips
+        if not (limit > 0 or self.metrics_processor.should_log(self.step)):
+            return True
+        grads = [p.grad for m in self.model_parts for p in m.parameters() if p.grad is not None]
+        if self._all_ranks_true(self._finite(grads)):
+            return True
+        self._skipped_steps += 1
+        if self._skipped_steps > limit:
+            newest = complete_steps(self.checkpointer.folder) if self.checkpointer else []
+            raise DivergenceError(
+                f"step {self.step}: non-finite loss or gradient (diverged; "
+                f"{self._skipped_steps - 1} of [anytime] nonfinite_skips = {limit} skips "
+                "used). Nothing non-finite was saved; "
+                + (
+                    f"newest checkpoint: step-{newest[-1]}, resume from it"
+                    if newest
+                    else "no checkpoint yet, restart"
                 )
-            logger.warning(
-                f"step {self.step}: non-finite loss or gradient, optimizer step skipped "
-                f"({self._skipped_steps} of [anytime] nonfinite_skips = {limit})"
+                + " with a lower --optimizer.lr"
             )
-            container.zero_grad()
-            return None
-
-        container.step = guarded_step  # type: ignore[method-assign]
+        logger.warning(
+            f"step {self.step}: non-finite loss or gradient, optimizer step skipped "
+            f"({self._skipped_steps} of [anytime] nonfinite_skips = {limit})"
+        )
+        return False
 
     # ------------------------------------------------------------------ run folder
     def _lock_run_folder(self) -> None:
@@ -291,13 +364,56 @@ class AmuseTrainer(Trainer):
                 self._log_handler.close()
                 self._log_handler = None
 
-    # ------------------------------------------------------------------ preemption
-    def _on_sigterm(self, signum: int, frame: Any) -> None:
+    # ------------------------------------------------------------------ preemption and Ctrl-C
+    def _install_stop_signals(self) -> None:
+        """SIGTERM (preemption) and SIGINT (Ctrl-C): finish the step, save, exit 0.
+
+        torchrun forwards the signal it gets to every worker, which the terminal has signalled
+        already: a repeat within ``_SAME_SIGNAL_S`` is the same request. A second Ctrl-C after
+        that aborts at once (exit 130) and says which steps are lost."""
+        self._stop_signal: str | None = None
+        self._stop_signal_at = 0.0
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, self._on_stop_signal)
+
+    def _on_stop_signal(self, signum: int, frame: Any) -> None:
+        now = time.monotonic()
+        name = signal.Signals(signum).name
+        if self._stop_signal is not None:
+            if now - self._stop_signal_at < _SAME_SIGNAL_S or signum != signal.SIGINT:
+                return
+            self._abort_now()
+        self._stop_signal, self._stop_signal_at = name, now
         self._sigterm = True
-        logger.warning("SIGTERM: finishing this step, then saving a checkpoint and exiting")
+        what = "Ctrl-C" if signum == signal.SIGINT else name
+        poll = self.job_config.anytime.sigterm_poll_steps
+        logger.warning(
+            f"{what}: finishing step {self.step + 1}, then saving a checkpoint and exiting "
+            + (f"(ranks agree every {poll} steps) " if poll > 1 else "")
+            + ("- press Ctrl-C again to abort without saving" if what == "Ctrl-C" else "")
+        )
+
+    def _abort_now(self) -> None:
+        """The second Ctrl-C: leave at once; say what the newest checkpoint keeps."""
+        folder = getattr(self.checkpointer, "folder", None)
+        newest = complete_steps(folder) if folder and os.path.isdir(folder) else []
+        kept = f"step-{newest[-1]}" if newest else "no checkpoint"
+        lost = self.step - (newest[-1] if newest else 0)
+        msg = stop_line(
+            "aborted",
+            self.step,
+            f"second Ctrl-C, nothing saved; the newest checkpoint is {kept}, "
+            f"the {lost} steps after it are lost",
+        )
+        if dist.get_rank() == 0:
+            logger.error(msg)
+        for h in logging.getLogger().handlers:
+            h.flush()
+        sys.stderr.flush()
+        os._exit(130)
 
     def _preemption_requested(self) -> bool:
-        """True on every rank once any rank got SIGTERM (all ranks must stop together).
+        """True on every rank once any rank got SIGTERM/SIGINT (all ranks must stop together).
 
         A collective, so it runs only every ``[anytime] sigterm_poll_steps`` steps (the same
         steps on every rank, as all ranks share ``self.step``): a rank that got the signal stops
@@ -309,18 +425,53 @@ class AmuseTrainer(Trainer):
         dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self._flag_group)
         return bool(flag.item())
 
+    def batch_generator(self, data_iterable: Any) -> Any:
+        """torchtitan's batches, each counted into the tokens seen as it is consumed."""
+        for input_dict, labels in super().batch_generator(data_iterable):
+            self.tokens.add(labels.numel())
+            yield input_dict, labels
+
     def train_step(self, data_iterator: Any) -> None:
         self.metrics_processor.before_step(self.step)  # the optimizer learns if this step logs
         super().train_step(data_iterator)
 
+    def _on_start(self) -> None:
+        """Once, when training starts (the checkpoint, if any, loaded and accepted): fill in
+        the tokens seen of a checkpoint that predates them, and write ``config.toml`` (never
+        earlier, so a refused or failed launch leaves the record of the run that is there)."""
+        self._started = True
+        if self.step > 0 and not self.tokens.restored:
+            self.tokens.total = self.step * self.metrics_processor.tokens_per_step
+            logger.warning(
+                f"the checkpoint of step {self.step} predates the tokens-seen record: tokens "
+                f"seen estimated as step x the current global batch ({self.tokens.total:,})"
+            )
+        if self._record_run and dist.get_rank() == 0:
+            folder = Path(self.job_config.job.dump_folder)
+            try:
+                path = write_resolved_config(self.job_config, folder)
+                logger.info(f"resolved config saved to {path}; the log goes to train.log beside it")
+            except (OSError, TypeError, ValueError) as e:  # a record, never a reason to stop
+                logger.warning(f"could not write the resolved config.toml: {e}")
+
     def should_continue_training(self) -> bool:
+        if not self._started:
+            self._on_start()
         if self.step > 0 and self._preemption_requested():
             self.preempted = True
+            saved = ""
             if self.checkpointer.enable:
                 self.checkpointer.save(self.step, force=True)
-            logger.warning(f"preempted: stopped after step {self.step}, checkpoint saved")
+                saved = f"checkpoint step-{self.step} saved in {self.checkpointer.folder}"
+            local = getattr(self, "_stop_signal", None) or "a signal on another rank"
+            kind = "interrupted" if local == "SIGINT" else "preempted"
+            self.stop_reason = (kind, f"{'Ctrl-C' if local == 'SIGINT' else local}; {saved}")
+            logger.warning(f"{kind}: stopped after step {self.step}; {saved or 'not saved'}")
             return False
-        return super().should_continue_training()
+        if not super().should_continue_training():
+            self.stop_reason = ("finished", "")
+            return False
+        return True
 
     def init_distributed(self) -> ParallelDims:
         parallel_dims = super().init_distributed()
@@ -408,7 +559,8 @@ class _PlainFormatter(logging.Formatter):
 
 
 def start_run_log(dump_folder: str) -> logging.Handler | None:
-    """Rank 0 appends everything it logs to ``<dump_folder>/train.log`` (resumes append)."""
+    """Rank 0 appends everything it logs to ``<dump_folder>/train.log`` (resumes append), in
+    the full format (date, logger, level), whatever the console shows."""
     if int(os.environ.get("RANK", "0")) != 0:
         return None
     root = logging.getLogger()
@@ -419,52 +571,30 @@ def start_run_log(dump_folder: str) -> logging.Handler | None:
             return h
     path.parent.mkdir(parents=True, exist_ok=True)
     handler = logging.FileHandler(path, mode="a", encoding="utf-8")
-    console = next((h for h in root.handlers if h.formatter is not None), None)
-    fmt = console.formatter._fmt if console is not None else "%(asctime)s %(levelname)s %(message)s"
-    handler.setFormatter(_PlainFormatter(fmt))
+    handler.setFormatter(_PlainFormatter(FULL_LOG_FORMAT))
     root.addHandler(handler)
     return handler
 
 
 def resolved_config(cfg: Any) -> dict[str, Any]:
-    """The whole JobConfig as TOML tables: every value the run used, unset (None) ones left out."""
+    """The whole JobConfig as TOML tables, as the run used it and as ``--job.config_file``
+    accepts it: local paths absolute, and the ``[optimizer]`` keys the chosen optimizer does not
+    read left out (amuse_dist's optimizers read only ``lr`` there; their own values, such as the
+    effective ``weight_decay``, are in their own section)."""
+    from amuse_dist.optim import registry
+    from amuse_dist.titan.config import _TITAN_OPTIMIZER_KEYS
 
-    def clean(value: Any) -> Any:
-        if isinstance(value, dict):
-            return {k: clean(v) for k, v in value.items() if v is not None}
-        if isinstance(value, (list, tuple)):
-            return [clean(v) for v in value if v is not None]
-        return value
-
-    return clean(_absolute_paths(dataclasses.asdict(cfg)))
+    tables = _absolute_paths(dataclasses.asdict(cfg))
+    spec = registry.find(cfg.optimizer.name)
+    if spec is not None and spec.build is not None:
+        for key in _TITAN_OPTIMIZER_KEYS:
+            tables["optimizer"].pop(key, None)
+    return tables
 
 
 def write_resolved_config(cfg: Any, folder: Path) -> Path:
-    """``folder/config.toml``: the resolved config, reusable as ``--job.config_file``.
-
-    A different earlier one (a resume with other settings) is kept as ``config.N.toml``.
-    """
-    import tomli_w
-
-    folder.mkdir(parents=True, exist_ok=True)
-    path = folder / "config.toml"
-    text = (
-        "# Resolved config of this run (TOML + command-line overrides), written by amuse-train.\n"
-        f"# Command: {run_command()}\n" + tomli_w.dumps(resolved_config(cfg))
-    )
-    if path.is_file():
-        old = path.read_text()
-        if old.split("\n", 2)[2:] == text.split("\n", 2)[2:]:
-            return path
-        n = 1
-        while (folder / f"config.{n}.toml").exists():
-            n += 1
-        path.rename(folder / f"config.{n}.toml")
-    tmp = folder / ".config.toml.tmp"
-    tmp.unlink(missing_ok=True)  # a link there goes, its target is never written
-    tmp.write_text(text)
-    tmp.replace(path)
-    return path
+    """``folder/config.toml``: the resolved config, reusable as ``--job.config_file``."""
+    return write_config_record(folder, config_text(resolved_config(cfg), run_command()))
 
 
 def _beta_y(optimizers: Any) -> float | None:
