@@ -123,3 +123,17 @@ def test_direction_state_is_sharded_like_rows_or_elements() -> None:
 def test_unknown_direction_is_a_clear_error() -> None:
     with pytest.raises(ValueError, match="direction = 'adam'.*'normuon'"):
         AMUSE(param_groups(make_model()), direction="adam", **HP)
+
+
+@pytest.mark.parametrize("cls", [NorMuon, AdaMuon])
+def test_step_count_is_not_a_hyper_parameter(cls: type) -> None:
+    """A resume puts the config's hyper-parameters (``defaults`` keys) back into the groups; the
+    step count (bias corrections) must not be one of them, or it restarts at 0."""
+    model = make_model()
+    opt = cls(param_groups(model), lr=0.01)
+    for step in range(2):
+        loss_fn(model, *batch(step)).backward()
+        opt.step()
+        opt.zero_grad()
+    assert "muon_t" not in opt.defaults
+    assert all(g["muon_t"] == 2 for g in opt.param_groups)

@@ -87,10 +87,13 @@ class Muon(Optimizer):
             adamw_eps=adamw_eps,
             use_muon=False,
             ns_split=(),
-            muon_t=0,
         )
         groups, names = split_named(params)
         super().__init__(groups, defaults)
+        for group in self.param_groups:
+            # the step count is state, not a hyper-parameter: kept out of ``defaults`` so a
+            # resume, which puts the config's hyper-parameters back, does not reset it to 0
+            group.setdefault("muon_t", 0)
         self._muon = MuonBranch(
             names, ns_steps, ns_dtype, default_replicated_group(process_group), hsdp_mode=hsdp_mode
         )
