@@ -137,3 +137,27 @@ def test_step_count_is_not_a_hyper_parameter(cls: type) -> None:
         opt.zero_grad()
     assert "muon_t" not in opt.defaults
     assert all(g["muon_t"] == 2 for g in opt.param_groups)
+
+
+def test_resume_contract_refuses_a_direction_change() -> None:
+    from amuse_dist.anytime import resume_contract
+
+    table = resume_contract.contract()
+    assert table[("amuse", "direction")][0] == resume_contract.REFUSED
+    assert table[("amuse", "normuon_beta2")][0] == resume_contract.CHANGEABLE
+    assert table[("normuon", "beta2")][0] == resume_contract.CHANGEABLE
+    assert table[("adamuon", "sign")][0] == resume_contract.CHANGEABLE
+    saved, new = {"amuse": {"direction": "muon"}}, {"amuse": {"direction": "normuon"}}
+    (change,) = resume_contract.changes(saved, new)
+    assert change.policy == resume_contract.REFUSED and change.name == "[amuse] direction"
+
+
+def test_registry_names_the_new_optimizers_and_their_state() -> None:
+    from amuse_dist.optim import registry
+
+    assert registry.get("normuon").section == "normuon"
+    assert registry.get("AdaMuon").hparams.__name__ == "AdaMuonHParams"
+    assert (
+        registry.guess_from_state({"momentum", "normuon_v", "exp_avg", "exp_avg_sq"}) == "NorMuon"
+    )
+    assert registry.guess_from_state({"z", "momentum", "adamuon_v", "exp_avg_sq"}) == "AMUSE"
