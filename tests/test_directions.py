@@ -161,3 +161,28 @@ def test_registry_names_the_new_optimizers_and_their_state() -> None:
         registry.guess_from_state({"momentum", "normuon_v", "exp_avg", "exp_avg_sq"}) == "NorMuon"
     )
     assert registry.guess_from_state({"z", "momentum", "adamuon_v", "exp_avg_sq"}) == "AMUSE"
+
+
+@pytest.mark.parametrize("direction", ["normuon", "adamuon"])
+def test_fused_qkv_is_normalized_block_by_block(direction: str) -> None:
+    """A fused weight with ``ns_split`` steps like its Q, K, V blocks as separate matrices."""
+    torch.manual_seed(0)
+    w = torch.nn.Parameter(torch.randn(12, 8, dtype=torch.float64))
+    blocks = [torch.nn.Parameter(b.detach().clone()) for b in w.split(4)]
+    fused = AMUSE(
+        [{"params": [w], "use_muon": True, "ns_split": (4, 4, 4)}],
+        direction=direction,
+        ns_dtype=torch.float32,
+        **HP,
+    )
+    apart = AMUSE(
+        [{"params": blocks, "use_muon": True}], direction=direction, ns_dtype=torch.float32, **HP
+    )
+    for step in range(5):
+        g = torch.randn(12, 8, dtype=torch.float64, generator=torch.Generator().manual_seed(step))
+        w.grad = g.clone()
+        for b, gb in zip(blocks, g.split(4), strict=True):
+            b.grad = gb.clone()
+        fused.step()
+        apart.step()
+    assert rel(w.detach(), torch.cat([b.detach() for b in blocks])) <= 1e-12
