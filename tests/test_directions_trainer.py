@@ -3,7 +3,7 @@
 Per arm, one straight run (2 ranks, 6 steps, checkpoints at 2, 4, 6, validation at X every 2)
 and three resumes: from step 2 on 2 ranks (bitwise), and the reshard chain 2 -> 1 -> 3 ranks
 (step 2 resumed on 1 rank to step 4, that checkpoint resumed on 3 ranks to step 6). AMUSE arms
-export X, and amuse-eval on the export equals the trainer's validation at X.
+export X, and amuse-eval on the export (on the same 2 ranks) equals the trainer's validation at X.
 """
 
 from __future__ import annotations
@@ -12,13 +12,12 @@ import functools
 import json
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
-from tests._titan import REPO, env, read_x, run_args, tb_by_step, torchrun
+from tests._titan import REPO, env, read_x, run_args, tb_by_step, torchrun, torchrun_cmd
 
 ARMS = {
     "NorMuon": {"optimizer__name": "NorMuon", "lr_scheduler__warmup_steps": 2},
@@ -101,8 +100,9 @@ def test_x_export_evaluates_like_the_validator(arm: str, root: Path, assets: Pat
     y = tb_by_step(straight, "validation_y/loss")
     assert sorted(val) == [1, 2, 4, 6] and val[6] != y[6]
     out = root / arm / "eval"
-    cmd = [sys.executable, "-m", "amuse_dist.eval", str(straight / "checkpoint" / "step-6")]
-    cmd += ["--out", str(out), "--no-progress"]
+    # on the training's 2 ranks: the local corpus is read per rank, as the validator reads it
+    target = ["-m", "amuse_dist.eval", str(straight / "checkpoint" / "step-6")]
+    cmd = torchrun_cmd(2, *target, "--out", str(out), "--no-progress")
     proc = subprocess.run(cmd, cwd=REPO, env=env(root), capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr[-4000:]
     (row,) = json.loads(out.with_suffix(".json").read_text())
