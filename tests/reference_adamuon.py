@@ -1,8 +1,8 @@
 """A plain single-process AdaMuon, written from the paper and the authors' code for testing.
 
 Paper (arXiv 2507.11005, abstract and Theorem 1): the momentum is sign-transformed before the
-polar step. Chongjie-Si/AdaMuon adamuon.py (commit 3b84e03, ``AdaMuon.step`` lines 62-92 and
-``update_prev`` line 55): O <- NS5(.); v <- beta2 v + (1 - beta2) O^2 (element-wise);
+polar step. Chongjie-Si/AdaMuon adamuon.py (commit 3b84e03, ``AdaMuon.step`` lines 73-103 and
+``update_prev`` lines 58-63): O <- NS5(.); v <- beta2 v + (1 - beta2) O^2 (element-wise);
 O' <- O / (sqrt(v / (1 - beta2^t)) + eps); O' <- O' sqrt(min(m, n)) / (||O'|| + eps); the update
 is O' 0.2 sqrt(max(m, n)). One matrix at a time, float64 except NS. Shares no code with amuse_dist.
 """

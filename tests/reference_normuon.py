@@ -1,6 +1,6 @@
 """A plain single-process NorMuon, written from the paper and the authors' code for testing.
 
-zichongli5/NorMuon normuon.py ``normuon_update`` (commit e5aaaf4, lines 36-51), one matrix at a
+zichongli5/NorMuon normuon.py ``normuon_update`` (commit e5aaaf4, lines 35-55), one matrix at a
 time, float64 except NS: m <- lerp(m, g, 1 - mu); u <- lerp(g, m, mu); O <- NS5(u);
 v <- lerp(v, mean over columns of O^2, 1 - beta2) (one value per row, no bias correction);
 O' <- O / (sqrt(v) + 1e-10); O' <- O' ||O|| / (||O'|| + 1e-10); then the scale. The AdamW

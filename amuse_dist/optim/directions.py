@@ -16,15 +16,15 @@ three hooks around the owner-wise exchange, which itself is unchanged:
 
 The formulas follow the authors' code:
 
-- NorMuon (zichongli5/NorMuon, normuon.py, ``normuon_update``, lines 36-51 of commit e5aaaf4):
+- NorMuon (zichongli5/NorMuon, normuon.py, ``normuon_update``, lines 35-55 of commit e5aaaf4):
   v = lerp(v, mean_cols(O^2), 1 - beta2) per row (no bias correction); O' = O / (sqrt(v) + 1e-10);
   O' *= ||O||_F / (||O'||_F + 1e-10) (norm kept); then the scale: the authors'
   max(1, rows/cols)^0.5 (``scale = "authors"``) or this package's Muon scale 0.2 sqrt(max(rows,
   cols)) (``scale = "muon"``, default: one lr for both branches, as Muon and AMUSE here).
-- AdaMuon (Chongjie-Si/AdaMuon, adamuon.py, ``AdaMuon.step``, lines 62-92 of commit 3b84e03):
+- AdaMuon (Chongjie-Si/AdaMuon, adamuon.py, ``AdaMuon.step``, lines 73-103 of commit 3b84e03):
   O = NS5(u) unscaled; v = beta2 v + (1 - beta2) O^2; O' = O / (sqrt(v / (1 - beta2^t)) + eps);
   O' *= sqrt(min(rows, cols)) / (||O'||_F + eps); the update is then scaled by
-  0.2 sqrt(max(rows, cols)) (line 55, ``update_prev``), so its RMS is 0.2 like Adam's. The sign
+  0.2 sqrt(max(rows, cols)) (lines 58-63, ``update_prev``), so its RMS is 0.2 like Adam's. The sign
   before NS is the paper's (abstract; Theorem 1: f(x) = c sign(x)); that stored code does not
   apply it, so ``sign = false`` gives the code's variant.
 
