@@ -9,7 +9,7 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
-__all__ = ["AMUSE", "Muon", "param_groups", "schedule_free_adamw"]
+__all__ = ["AMUSE", "AdaMuon", "Muon", "NorMuon", "param_groups", "schedule_free_adamw"]
 __version__ = "0.1.0"
 
 

@@ -16,17 +16,27 @@ seed (which draws the initial weights) change. Arms (T = ``--steps``):
 * ``adamw``          AdamW betas (0.8, 0.999), wd 0.1, the same warmup + cosine to lr/100
 * ``sf_adamw``       Schedule-Free AdamW betas (0.9, 0.9999), wd 0.1, warmup 12.5% inside the
                      optimizer, constant schedule; scored at X
+* ``normuon_cosine`` NorMuon (the authors' defaults, beta2 0.95; the Muon scale so one lr serves
+                     both branches), wd 0.1, Muon's warmup + cosine to lr/100
+* ``adamuon_cosine`` AdaMuon (the authors' defaults: sign, beta2 0.999, eps 1e-8), wd 0.1, the
+                     same warmup + cosine
+* ``amuse_normuon``  AMUSE (the ``amuse`` setting) with ``[amuse] direction = "normuon"``; X
+* ``amuse_adamuon``  AMUSE (the ``amuse`` setting) with ``[amuse] direction = "adamuon"``; X
 
 Protocol (each stage skips the runs the CSV already holds, so an interrupted study resumes):
 
-1. LR sweep on seed 0: ``amuse`` and ``muon_cosine`` at every lr of their grid (``--sweep``);
+1. LR sweep on seed 0: ``amuse``, ``muon_cosine`` and the four NorMuon / AdaMuon arms at every
+   lr of their grid (``--sweep``);
    each arm's lr is the one with the lowest final validation loss among its seed-0 runs of
    length T (X for AMUSE). ``amuse_b`` and ``muon_constant`` reuse them.
 2. Seeds: the AMUSE and Muon arms at seeds 0 .. ``--seeds``-1 with the picked lr.
 3. Baselines: ``adamw`` and ``sf_adamw`` on seed 0 at each lr of their grid (``--sweep``; without
    one, a fixed lr); ``--baseline-seeds`` N > 1 adds seeds at the best of them.
-4. Pareto: cosine Muon trained to T/4 and T/2 (its own warmup and decay, every seed) against the
-   X of the AMUSE run at the same steps (a schedule-free run can stop anywhere).
+4. Pareto: cosine Muon and cosine NorMuon trained to T/4 and T/2 (their own warmup and decay,
+   every seed) against the X of the AMUSE runs (every direction) at the same steps (a
+   schedule-free run can stop anywhere).
+
+``--arms`` restricts every stage to some arms (e.g. only the NorMuon / AdaMuon ones).
 
 Every finished run appends its validation losses to one CSV (``--csv``): optimizer, seed, step,
 tokens, val_loss, lr, schedule_steps (the run's length T), weights (x or y), wall_s. A run is only
@@ -182,18 +192,68 @@ ARMS: dict[str, Arm] = {
             cpu_lr=1e-2,
             gpu_lr=2e-3,
         ),
+        Arm(
+            "normuon_cosine",
+            "NorMuon (cosine to lr/100)",
+            "NorMuon",
+            "cosine",
+            0.125,
+            ("--normuon.weight_decay", "0.1", "--training.max_norm", "0.5"),
+            lr_from="normuon_cosine",
+        ),
+        Arm(
+            "adamuon_cosine",
+            "AdaMuon (cosine to lr/100)",
+            "AdaMuon",
+            "cosine",
+            0.125,
+            ("--adamuon.weight_decay", "0.1", "--training.max_norm", "0.5"),
+            lr_from="adamuon_cosine",
+        ),
+        Arm(
+            "amuse_normuon",
+            "AMUSE-normuon (T0 0.375T, beta1 0.6)",
+            "AMUSE",
+            "none",
+            0.375,
+            ("--amuse.direction", "normuon", "--amuse.beta1", "0.6", "--amuse.rho", "0.8")
+            + ("--amuse.weight_decay", "0.05", "--training.max_norm", "0.5"),
+            lr_from="amuse_normuon",
+        ),
+        Arm(
+            "amuse_adamuon",
+            "AMUSE-adamuon (T0 0.375T, beta1 0.6)",
+            "AMUSE",
+            "none",
+            0.375,
+            ("--amuse.direction", "adamuon", "--amuse.beta1", "0.6", "--amuse.rho", "0.8")
+            + ("--amuse.weight_decay", "0.05", "--training.max_norm", "0.5"),
+            lr_from="amuse_adamuon",
+        ),
     )
 }
-SWEPT = ("amuse", "muon_cosine")
-SEEDED = ("amuse", "amuse_b", "muon_cosine", "muon_constant")
+DIRECTION_ARMS = ("normuon_cosine", "adamuon_cosine", "amuse_normuon", "amuse_adamuon")
+SWEPT = ("amuse", "muon_cosine", *DIRECTION_ARMS)
+SEEDED = ("amuse", "amuse_b", "muon_cosine", "muon_constant", *DIRECTION_ARMS)
 BASELINES = ("adamw", "sf_adamw")
+# cosine baselines a schedule-free run is compared with at T/4, T/2, T (trained to each length)
+PARETO_BASES = ("muon_cosine", "normuon_cosine")
+ANYTIME = ("amuse", "amuse_b", "amuse_normuon", "amuse_adamuon")
 CPU_SWEEP = {
     "amuse": (0.005, 0.01, 0.02, 0.04),
     "muon_cosine": (0.005, 0.01, 0.02, 0.04),
+    **{key: (0.005, 0.01, 0.02, 0.04) for key in DIRECTION_ARMS},
     "adamw": (0.001, 0.002, 0.006),
     "sf_adamw": (0.001, 0.003, 0.01),
 }
-GPU_SWEEP = {"amuse": (0.005, 0.01, 0.02), "muon_cosine": (0.002, 0.005, 0.01)}
+GPU_SWEEP = {
+    "amuse": (0.005, 0.01, 0.02),
+    "muon_cosine": (0.002, 0.005, 0.01),
+    "normuon_cosine": (0.002, 0.005, 0.01),
+    "adamuon_cosine": (0.002, 0.005, 0.01),
+    "amuse_normuon": (0.005, 0.01, 0.02),
+    "amuse_adamuon": (0.005, 0.01, 0.02),
+}
 COLORS = {
     "amuse": "tab:red",
     "amuse_b": "tab:purple",
@@ -201,6 +261,10 @@ COLORS = {
     "muon_constant": "tab:olive",
     "adamw": "tab:blue",
     "sf_adamw": "tab:orange",
+    "normuon_cosine": "tab:cyan",
+    "adamuon_cosine": "tab:gray",
+    "amuse_normuon": "tab:pink",
+    "amuse_adamuon": "tab:brown",
 }
 
 
@@ -520,34 +584,38 @@ def protocol(
     baseline_seeds: int,
     fixed_lr: dict[str, float],
     stages: Sequence[str],
+    arms: Sequence[str] = tuple(ARMS),
 ) -> None:
-    """Stages 1-4 of the module docstring, each skipping runs already in the CSV."""
+    """Stages 1-4 of the module docstring, each skipping runs already in the CSV; only the
+    ``arms`` given (an arm that reuses another's lr needs that arm's sweep in the CSV)."""
     if "sweep" in stages:
-        study.ensure_all([Run(ARMS[key], 0, lr, steps) for key in SWEPT for lr in sweep[key]])
+        swept = [key for key in SWEPT if key in arms]
+        study.ensure_all([Run(ARMS[key], 0, lr, steps) for key in swept for lr in sweep[key]])
     rows = read_rows(study.csv_path)
     lrs = {key: pick_lr(rows, key, steps) for key in SWEPT}
     print(f"picked learning rates (seed 0, T = {steps}): {lrs}", flush=True)
     todo: list[Run] = []
     if "seeds" in stages:
         for seed in range(seeds):
-            for key in SEEDED:
+            for key in (k for k in SEEDED if k in arms):
                 lr = lrs[ARMS[key].lr_from or key]
                 if lr is None:
                     print(f"[{key}] no lr: its sweep has no finished run", file=sys.stderr)
                     continue
                 todo.append(Run(ARMS[key], seed, lr, steps))
     if "baselines" in stages:  # seed 0 at each lr of the arm's grid (default: its fixed lr)
-        for key in BASELINES:
+        for key in (k for k in BASELINES if k in arms):
             todo += [Run(ARMS[key], 0, lr, steps) for lr in sweep.get(key) or (fixed_lr[key],)]
-    if "pareto" in stages and lrs["muon_cosine"] is not None:
-        for seed in range(seeds):
-            for frac in (4, 2):
-                todo.append(Run(ARMS["muon_cosine"], seed, lrs["muon_cosine"], steps // frac))
+    if "pareto" in stages:
+        for base in (b for b in PARETO_BASES if b in arms and lrs[b] is not None):
+            for seed in range(seeds):
+                for frac in (4, 2):
+                    todo.append(Run(ARMS[base], seed, lrs[base], steps // frac))
     study.ensure_all(todo)
     if "baselines" in stages and baseline_seeds > 1:  # more seeds at the best lr of seed 0
         rows = read_rows(study.csv_path)
         more = []
-        for key in BASELINES:
+        for key in (k for k in BASELINES if k in arms):
             lr = pick_lr(rows, key, steps) or fixed_lr[key]
             more += [Run(ARMS[key], seed, lr, steps) for seed in range(1, baseline_seeds)]
         study.ensure_all(more)
@@ -631,10 +699,42 @@ def report(rows: list[dict[str, str]], steps: int, png: Path | None, title: str)
                     for t in (steps // 4, steps // 2, steps)
                 )
             )
+    lines += anytime_vs_cosine(runs, c, rows, steps)
     if png is not None:
         plot(runs, c, mu_lr, steps, png, title)
         lines.append(f"\nwrote {png}")
     return "\n".join(lines)
+
+
+def anytime_vs_cosine(
+    runs: dict[str, list[dict[int, float]]],
+    c: dict[tuple[str, int, float, int], dict[int, float]],
+    rows: list[dict[str, str]],
+    steps: int,
+) -> list[str]:
+    """Every anytime arm's X at T/4, T/2, T against cosine Muon and cosine NorMuon trained to
+    that length: mean difference (negative: the anytime arm is lower) and in seed sds."""
+    bases = [b for b in PARETO_BASES if any(k[0] == b for k in c)]
+    arms = [a for a in ANYTIME if runs.get(a)]
+    if not bases or not arms:
+        return []
+    lengths = (steps // 4, steps // 2, steps)
+    out = [
+        "\nAnytime arms (X of one run read at T') minus cosine baselines trained to T' "
+        "(mean difference | in seed sds):\n",
+        "| anytime arm | baseline | " + " | ".join(f"T'={t} | sds" for t in lengths) + " |",
+        "|---|---|" + "---|---|" * len(lengths),
+    ]
+    for arm in arms:
+        for base in bases:
+            lr = pick_lr(rows, base, steps)
+            cells = []
+            for t in lengths:
+                a = [r[t] for r in runs[arm] if t in r]
+                b = [v[t] for k, v in c.items() if k[0] == base and k[2] == lr and k[3] == t]
+                cells.append(diff_in_sd(a, b))
+            out.append(f"| {ARMS[arm].label} | {ARMS[base].label} | " + " | ".join(cells) + " |")
+    return out
 
 
 def muon_at(
@@ -779,6 +879,9 @@ def parse_args(argv: Sequence[str] | None) -> tuple[argparse.Namespace, list[str
         default=["sweep", "seeds", "baselines", "pareto"],
         choices=["sweep", "seeds", "baselines", "pareto"],
     )
+    p.add_argument(
+        "--arms", nargs="+", default=list(ARMS), choices=list(ARMS), help="run only these arms"
+    )
     p.add_argument("--csv", type=Path, default=REPO / "docs" / "convergence.csv")
     p.add_argument("--png", type=Path, default=REPO / "docs" / "convergence.png")
     p.add_argument("--runs-dir", type=Path, default=REPO / "outputs" / "convergence")
@@ -877,7 +980,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         )
         sweep = parse_sweep(args.sweep, GPU_SWEEP if args.gpu else CPU_SWEEP)
         fixed = {k: (ARMS[k].gpu_lr if args.gpu else ARMS[k].cpu_lr) for k in BASELINES}
-        protocol(study, prof.steps, sweep, args.seeds, args.baseline_seeds, fixed, args.stages)
+        protocol(
+            study,
+            prof.steps,
+            sweep,
+            args.seeds,
+            args.baseline_seeds,
+            fixed,
+            args.stages,
+            args.arms,
+        )
         if study.failed:
             print(f"failed: {', '.join(study.failed)}", file=sys.stderr)
     rows = read_rows(args.csv)

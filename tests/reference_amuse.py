@@ -42,12 +42,16 @@ class ReferenceAMUSE:
         ns_steps=5,
         exact_x=False,
         ns_dtype=torch.float32,
+        direction=None,
     ):
         self.params = params
         self.lr, self.T0, self.beta1, self.rho = lr, warmup_steps, beta1, rho
         self.mu, self.wd, self.beta2, self.eps = momentum, weight_decay, beta2, eps
         self.power, self.r, self.ns_steps, self.exact_x = power, r, ns_steps, exact_x
         self.ns_dtype = ns_dtype
+        # direction(i, u, t) -> O for Muon-branch matrix i (tests/reference_normuon.py, ...);
+        # None: Muon's NS5(u) * 0.2 sqrt(max(rows, cols))
+        self.direction = direction
         self.t = 0
         self.A = 0.0
         self.c_T0 = 0.0
@@ -80,8 +84,11 @@ class ReferenceAMUSE:
                 m = self.buf[i]
                 m.copy_(self.mu * m + (1 - self.mu) * g)
                 u = (1 - self.mu) * g + self.mu * m
-                o = ns5(u, self.ns_steps, self.ns_dtype).to(g.dtype)
-                o = o * 0.2 * math.sqrt(max(g.shape))
+                if self.direction is not None:
+                    o = self.direction(i, u, t).to(g.dtype)
+                else:
+                    o = ns5(u, self.ns_steps, self.ns_dtype).to(g.dtype)
+                    o = o * 0.2 * math.sqrt(max(g.shape))
             else:
                 v = self.buf[i]
                 v.copy_(self.beta2 * v + (1 - self.beta2) * g * g)

@@ -22,7 +22,7 @@ from amuse_dist.optim.base import NewtonSchulz
 from amuse_dist.optim.newton_schulz import ns_flops
 from benchmarks.model_shapes import llama3_muon_shapes
 from tests._titan import run_worker
-from tests.toy import HP, batch, loss_fn, make_model, rel
+from tests.toy import DIRECTION_ARMS, HP, batch, direction_optimizer, loss_fn, make_model, rel
 
 WORKER = Path(__file__).parent / "workers" / "dist_worker.py"
 STEPS = 20
@@ -32,7 +32,9 @@ N_MUON = 4  # up, mid, tiny, back
 @functools.cache
 def single_process(optimizer: str, exact_x: bool = False, steps: int = STEPS) -> dict:
     model = make_model().double()
-    if optimizer == "amuse":
+    if optimizer in DIRECTION_ARMS:
+        opt = direction_optimizer(optimizer, param_groups(model))
+    elif optimizer == "amuse":
         opt = AMUSE(param_groups(model), ns_dtype=torch.float32, exact_x=exact_x, **HP)
     else:
         opt = Muon(param_groups(model), lr=0.01, weight_decay=0.05, ns_dtype=torch.float32)
@@ -44,7 +46,13 @@ def single_process(optimizer: str, exact_x: bool = False, steps: int = STEPS) ->
         opt.zero_grad()
         losses.append(float(loss.detach()))
     out = {"params": {n: p.detach().clone() for n, p in model.named_parameters()}, "losses": losses}
-    if optimizer == "amuse":
+    out["direction_state"] = {
+        n: s.clone()
+        for n, p in model.named_parameters()
+        for key, s in opt.state[p].items()
+        if key in ("normuon_v", "adamuon_v")
+    }
+    if optimizer.startswith("amuse"):
         xs = opt.x_tensors()
         out["x"] = {n: xs[p] for n, p in model.named_parameters()}
     return out
@@ -72,7 +80,7 @@ def check_against_single(
         assert rel(got["params"][name], p) <= 1e-5, (name, rel(got["params"][name], p))
     for a, b in zip(got["losses"], ref["losses"], strict=True):
         assert abs(a - b) <= 1e-5 * abs(b)
-    if optimizer == "amuse":
+    if optimizer.startswith("amuse"):
         for name, x in ref["x"].items():
             assert rel(got["x"][name], x) <= 1e-5, name
     for other in ranks[1:]:  # every rank ends with the same full weights
@@ -119,6 +127,31 @@ def test_fsdp_muon_matches_single_process(nproc: int, tmp_dir: str) -> None:
 
 
 @pytest.mark.dist
+@pytest.mark.parametrize("nproc", [1, 2, 3, 4])
+def test_fsdp_direction_arms_match_single_process(nproc: int, tmp_dir: str) -> None:
+    """NorMuon, AdaMuon and AMUSE with their directions (carried by the AMUSE launches)."""
+    arms = [r["arms"] for r in _run("fsdp", nproc, "amuse", False, tmp_dir)]
+    for arm in DIRECTION_ARMS:
+        ranks = [a[arm] for a in arms]
+        check_against_single(ranks, arm)
+        ref = single_process(arm)["direction_state"]
+        got = ranks[0]["direction_state"]
+        assert set(got) == set(ref) == {"up.weight", "mid.weight", "tiny.weight", "back.weight"}
+        for name, (placements, value) in got.items():
+            assert placements == "(Shard(dim=0),)", (arm, name, placements)  # rows / elements
+            assert value.shape == ref[name].shape and rel(value, ref[name]) <= 1e-5, (arm, name)
+        for step in range(STEPS):  # NS once per matrix per step
+            assert sorted(i for r in ranks for i in r["ns_logs"][step]) == list(range(N_MUON))
+
+
+@pytest.mark.dist
+def test_replicated_direction_arms_match_single_process(tmp_dir: str) -> None:
+    arms = [r["arms"] for r in _run("replicated", 2, "amuse", False, tmp_dir)]
+    for arm in DIRECTION_ARMS:
+        check_against_single([a[arm] for a in arms], arm)
+
+
+@pytest.mark.dist
 def test_partial_is_refused_by_name(tmp_dir: str) -> None:
     error = _run("refuse", 2, "amuse", False, tmp_dir)[0]["partial"]
     assert "layers.0.attention.wq.weight" in error and "Partial" in error
@@ -145,7 +178,7 @@ def meshes(tmp_dir: str) -> list:
 
 
 @pytest.mark.dist
-@pytest.mark.parametrize("optimizer", ["amuse", "muon"])
+@pytest.mark.parametrize("optimizer", ["amuse", "muon", *DIRECTION_ARMS])
 @pytest.mark.parametrize("layout", LAYOUTS)
 def test_mesh_layouts_match_single_process(meshes: list, layout: str, optimizer: str) -> None:
     ranks = [r[f"{layout}/{optimizer}"] for r in meshes]
@@ -166,7 +199,7 @@ def test_mesh_layouts_match_single_process(meshes: list, layout: str, optimizer:
 @pytest.mark.parametrize("layout", LAYOUTS)
 def test_ns_runs_per_matrix_over_the_job(meshes: list, layout: str) -> None:
     once = 2 if layout == "hsdp_per_replica" else 1  # per_replica: once per replica group
-    for optimizer in ("amuse", "muon"):
+    for optimizer in ("amuse", "muon", *DIRECTION_ARMS):
         ranks = [r[f"{layout}/{optimizer}"] for r in meshes]
         for step in range(MESH_STEPS):
             done = sorted(i for r in ranks for i in r["ns_logs"][step])

@@ -56,3 +56,20 @@ HP = dict(lr=0.02, warmup_steps=6, beta1=0.6, rho=0.8, momentum=0.95, weight_dec
 def rel(a: torch.Tensor, b: torch.Tensor) -> float:
     """Relative difference |a - b| / |b| (norms), the numerics tests' one measure."""
     return float((a - b).detach().norm() / b.detach().norm().clamp_min(1e-30))
+
+
+# the NorMuon / AdaMuon arms of the distributed tests: baselines and AMUSE directions
+DIRECTION_ARMS = ("normuon", "adamuon", "amuse_normuon", "amuse_adamuon")
+
+
+def direction_optimizer(name: str, groups: list, **kwargs: object) -> torch.optim.Optimizer:
+    """The optimizer of one ``DIRECTION_ARMS`` entry on ``groups`` (fp32 NS as the tests use)."""
+    from amuse_dist.optim.adamuon import AdaMuon
+    from amuse_dist.optim.amuse import AMUSE
+    from amuse_dist.optim.normuon import NorMuon
+
+    kwargs = {"ns_dtype": torch.float32, **kwargs}
+    if name.startswith("amuse_"):
+        return AMUSE(groups, direction=name.removeprefix("amuse_"), **HP, **kwargs)
+    cls = {"normuon": NorMuon, "adamuon": AdaMuon}[name]
+    return cls(groups, lr=0.01, weight_decay=0.05, **kwargs)

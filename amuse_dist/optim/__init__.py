@@ -1,4 +1,5 @@
-"""Optimizer math: AMUSE, its Schedule-Free AdamW special case, the Muon baseline, NS5.
+"""Optimizer math: AMUSE, its Schedule-Free AdamW special case, the Muon, NorMuon and AdaMuon
+baselines, NS5.
 
 The names below load on first use (PEP 562): ``amuse_dist.optim.hparams`` (hyper-parameter
 metadata, stdlib only) is read by the torch-free ``amuse_dist.anytime`` without pulling in torch.
@@ -11,6 +12,8 @@ from typing import Any
 
 _HOMES = {
     "AMUSE": "amuse_dist.optim.amuse",
+    "AdaMuon": "amuse_dist.optim.adamuon",
+    "NorMuon": "amuse_dist.optim.normuon",
     "schedule_free_adamw": "amuse_dist.optim.amuse",
     "param_groups": "amuse_dist.optim.groups",
     "Muon": "amuse_dist.optim.muon",

@@ -21,6 +21,7 @@ from amuse_dist.distributed.layout import local_view
 from amuse_dist.distributed.plan import HSDP_MODES
 from amuse_dist.optim import hparams
 from amuse_dist.optim.base import MuonBranch, check_range, default_replicated_group, split_named
+from amuse_dist.optim.directions import DIRECTIONS, make_direction
 from amuse_dist.optim.hparams import hparam
 from amuse_dist.optim.schedule import StepScalars, step_scalars
 
@@ -108,6 +109,28 @@ class AmuseHParams:
     """HSDP: "split" orthogonalizes each matrix once per job (matrices split across replica
     groups), "per_replica" once per replica group (no cross-replica traffic), "auto" picks by
     the cost model in docs/distributed.md."""
+    direction: str = hparam(
+        "muon",
+        choices=DIRECTIONS,
+        on_resume="refuse",
+        why="the saved state of the Muon branch (and Z, Y) was built by the old direction",
+    )
+    """The Muon branch's direction: "muon" (the paper's), "normuon" or "adamuon"
+    (``amuse_dist.optim.directions``; docs/algorithm.md)."""
+    normuon_beta2: float = hparam(
+        0.95, lo=0, hi=1, hi_open=True, why="decay of the per-row second moment"
+    )
+    """direction = "normuon": decay of the per-row second moment, in [0, 1)."""
+    adamuon_beta2: float = hparam(
+        0.999, lo=0, hi=1, hi_open=True, why="decay of the element-wise second moment"
+    )
+    """direction = "adamuon": decay of the element-wise second moment, in [0, 1)."""
+    adamuon_eps: float = hparam(
+        1e-8, lo=0, lo_open=True, why="a denominator guard of each next update"
+    )
+    """direction = "adamuon": epsilon of the denominator and the RMS alignment, > 0."""
+    adamuon_sign: bool = hparam(True, why="how each next update reads the momentum")
+    """direction = "adamuon": sign of the momentum before NS (the paper's)."""
 
 
 @dataclass
@@ -182,7 +205,14 @@ class AMUSE(Optimizer):
         process_group: dist.ProcessGroup | None = None,
         hsdp_mode: str = _D.hsdp_mode,
         momentum_dtype: torch.dtype | str | None = _D.momentum_dtype,
+        direction: str = _D.direction,
+        normuon_beta2: float = _D.normuon_beta2,
+        adamuon_beta2: float = _D.adamuon_beta2,
+        adamuon_eps: float = _D.adamuon_eps,
+        adamuon_sign: bool = _D.adamuon_sign,
     ):
+        # the direction's hook object (docs/algorithm.md); its state is one more key per matrix
+        self._direction = make_direction(direction, prefix=f"{direction}_")
         defaults = dict(
             lr=lr,
             warmup_steps=warmup_steps,
@@ -198,6 +228,11 @@ class AMUSE(Optimizer):
             exact_x=bool(exact_x),
             use_muon=False,
             ns_split=(),
+            normuon_beta2=normuon_beta2,
+            normuon_scale="muon",
+            adamuon_beta2=adamuon_beta2,
+            adamuon_eps=adamuon_eps,
+            adamuon_sign=bool(adamuon_sign),
         )
         _validate_group(defaults)
         groups, self._names = split_named(params)
@@ -217,6 +252,7 @@ class AMUSE(Optimizer):
             ns_dtype,
             default_replicated_group(process_group),
             hsdp_mode=hsdp_mode,
+            orthogonalizer=self._direction.orthogonalizer(ns_steps, ns_dtype),
         )
         if isinstance(momentum_dtype, str):
             if momentum_dtype not in MOMENTUM_DTYPES:
@@ -254,11 +290,18 @@ class AMUSE(Optimizer):
 
         if muon:
             updates = [u for b in muon for u in _nesterov(b)]
-            outs = self._muon.orthogonalize(
-                [p for b in muon for p in b.params],
-                [tuple(b.group["ns_split"]) for b in muon for _ in b.params],
-                updates,
-                overlap=adamw_branch,
+            flat = [p for b in muon for p in b.params]
+            splits = [tuple(b.group["ns_split"]) for b in muon for _ in b.params]
+            groups = [b.group for b in muon for _ in b.params]
+            self._direction.pre_ns(groups, updates)
+            outs = self._muon.orthogonalize(flat, splits, updates, overlap=adamw_branch)
+            outs = self._direction.post_ns(
+                lambda: self._muon.tasks(flat, splits),
+                flat,
+                groups,
+                outs,
+                [self.state[p] for p in flat],
+                [b.sc.t for b in muon for _ in b.params],
             )
             start = 0
             for b in muon:
@@ -286,6 +329,8 @@ class AMUSE(Optimizer):
             if not state:
                 state["z"] = p.detach().clone()
                 state[key] = torch.zeros_like(p, dtype=buf_dtype)
+                if group["use_muon"] and self._direction.state_key is not None:
+                    state[self._direction.state_key] = self._direction.new_state(p)
             elif buf_dtype is not None and state[key].dtype != buf_dtype:
                 # a checkpoint loaded through Optimizer.load_state_dict comes back in the
                 # parameter's dtype: return it to the configured momentum dtype once

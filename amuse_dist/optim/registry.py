@@ -17,6 +17,7 @@ from typing import Any
 from torch import nn
 from torch.optim import Optimizer
 
+from amuse_dist.optim.adamuon import AdaMuon, AdaMuonHParams
 from amuse_dist.optim.amuse import (
     AMUSE,
     AmuseHParams,
@@ -25,6 +26,7 @@ from amuse_dist.optim.amuse import (
 )
 from amuse_dist.optim.groups import param_groups
 from amuse_dist.optim.muon import Muon, MuonHParams
+from amuse_dist.optim.normuon import NorMuon, NorMuonHParams
 
 Builder = Callable[[nn.Module, float, Any], Optimizer]
 
@@ -111,6 +113,14 @@ def _muon(model: nn.Module, lr: float, hp: MuonHParams) -> Optimizer:
     return Muon(param_groups(model), lr=lr, **asdict(hp))
 
 
+def _normuon(model: nn.Module, lr: float, hp: NorMuonHParams) -> Optimizer:
+    return NorMuon(param_groups(model), lr=lr, **asdict(hp))
+
+
+def _adamuon(model: nn.Module, lr: float, hp: AdaMuonHParams) -> Optimizer:
+    return AdaMuon(param_groups(model), lr=lr, **asdict(hp))
+
+
 def _sf_adamw(model: nn.Module, lr: float, hp: ScheduleFreeAdamWHParams) -> Optimizer:
     return schedule_free_adamw(
         [p for p in model.parameters() if p.requires_grad], lr=lr, **asdict(hp)
@@ -126,7 +136,11 @@ register(
         "amuse",
         averaging=True,
         schedule_free=True,
-        state_keys=(frozenset({"z", "momentum", "exp_avg_sq"}), frozenset({"z", "momentum"})),
+        state_keys=tuple(
+            frozenset({"z", "momentum", *adamw, *direction})
+            for adamw in ((), ("exp_avg_sq",))
+            for direction in ((), ("normuon_v",), ("adamuon_v",))
+        ),
     )
 )
 register(OptimizerSpec("AdamW", None, state_keys=_ADAM_STATE))
@@ -149,5 +163,29 @@ register(
         averaging=True,
         schedule_free=True,
         state_keys=(frozenset({"z", "exp_avg_sq"}),),
+    )
+)
+register(
+    OptimizerSpec(
+        "NorMuon",
+        _normuon,
+        NorMuonHParams,
+        "normuon",
+        state_keys=(
+            frozenset({"momentum", "normuon_v", "exp_avg", "exp_avg_sq"}),
+            frozenset({"momentum", "normuon_v"}),
+        ),
+    )
+)
+register(
+    OptimizerSpec(
+        "AdaMuon",
+        _adamuon,
+        AdaMuonHParams,
+        "adamuon",
+        state_keys=(
+            frozenset({"momentum", "adamuon_v", "exp_avg", "exp_avg_sq"}),
+            frozenset({"momentum", "adamuon_v"}),
+        ),
     )
 )

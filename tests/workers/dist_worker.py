@@ -16,7 +16,7 @@ from torch.distributed.tensor import DTensor, Partial
 
 from amuse_dist import AMUSE, Muon, param_groups
 from tests._titan import finish_worker
-from tests.toy import HP, batch, loss_fn, make_model
+from tests.toy import DIRECTION_ARMS, HP, batch, direction_optimizer, loss_fn, make_model
 
 
 def full(t: torch.Tensor) -> torch.Tensor:
@@ -30,7 +30,9 @@ def build(mode: str, optimizer: str, exact_x: bool):
             fully_shard(module)
         fully_shard(model)
     groups = param_groups(model)
-    if optimizer == "amuse":
+    if optimizer in DIRECTION_ARMS:
+        opt = direction_optimizer(optimizer, groups)
+    elif optimizer == "amuse":
         opt = AMUSE(groups, ns_dtype=torch.float32, exact_x=exact_x, **HP)
     else:
         opt = Muon(groups, lr=0.01, weight_decay=0.05, ns_dtype=torch.float32)
@@ -57,15 +59,22 @@ def train(mode: str, optimizer: str, steps: int, exact_x: bool) -> dict:
         total = loss.detach().clone()
         dist.all_reduce(total)
         losses.append(float(total) / ws)
-        if optimizer == "amuse" and step == steps // 2:
+        if optimizer.startswith("amuse") and step == steps // 2:
             xs_mid = x_by_name(model, opt)
     out = {
         "params": {n: full(p) for n, p in model.named_parameters()},
         "losses": losses,
         "ns_logs": ns_logs,
         "x_mid": xs_mid,
+        # the direction's state (NorMuon per row, AdaMuon per element): placements and values
+        "direction_state": {
+            n: (str(s.placements) if isinstance(s, DTensor) else "plain", full(s))
+            for n, p in model.named_parameters()
+            for key, s in opt.state[p].items()
+            if key in ("normuon_v", "adamuon_v")
+        },
     }
-    if optimizer == "amuse":
+    if optimizer.startswith("amuse"):
         out["x"] = x_by_name(model, opt)
         out["z"] = {n: full(opt.state[p]["z"]) for n, p in model.named_parameters()}
         out["placements"] = {
@@ -109,6 +118,11 @@ def main() -> None:
         result = refuse()
     else:
         result = train(args.mode, args.optimizer, args.steps, args.exact_x)
+        if args.optimizer == "amuse" and not args.exact_x:
+            # the NorMuon / AdaMuon arms ride on the AMUSE launches (one launch per rank count)
+            result["arms"] = {
+                arm: train(args.mode, arm, args.steps, False) for arm in DIRECTION_ARMS
+            }
     finish_worker(result, args.out)
 
 

@@ -1,7 +1,8 @@
 """Run under torchrun (gloo): the toy model on every mesh layout, AMUSE and Muon, in one launch.
 
 ``--suite meshes`` (4 ranks): 1-D FSDP 4, HSDP 2x2 (split and per_replica modes), TP 4 and
-FSDP+TP 2x2, each with AMUSE and Muon. ``--suite pipeline`` (any rank count): 1-D FSDP with small
+FSDP+TP 2x2, each with AMUSE, Muon, NorMuon, AdaMuon and AMUSE with the NorMuon and AdaMuon
+directions. ``--suite pipeline`` (any rank count): 1-D FSDP with small
 waves, pipelined and unpipelined. Saves, per run, the full parameters, losses, X and the Muon
 matrices each rank orthogonalized per step.
 """
@@ -23,7 +24,7 @@ from torch.distributed.tensor.parallel import (
 
 from amuse_dist import AMUSE, Muon, param_groups
 from tests._titan import finish_worker
-from tests.toy import HP, batch, loss_fn, make_model
+from tests.toy import DIRECTION_ARMS, HP, batch, direction_optimizer, loss_fn, make_model
 
 TP_PLAN = {
     "up": ColwiseParallel(use_local_output=False),  # uneven: keep the global shape
@@ -68,7 +69,9 @@ def train(layout: str, optimizer: str, steps: int, **muon: object) -> dict:
     model, (dp, dp_size) = build(layout)
     groups = param_groups(model)
     mode = muon.pop("hsdp_mode", "split")
-    if optimizer == "amuse":
+    if optimizer in DIRECTION_ARMS:
+        opt = direction_optimizer(optimizer, groups, hsdp_mode=mode)
+    elif optimizer == "amuse":
         opt = AMUSE(groups, ns_dtype=torch.float32, hsdp_mode=mode, **HP)
     else:
         opt = Muon(groups, lr=0.01, weight_decay=0.05, ns_dtype=torch.float32, hsdp_mode=mode)
@@ -101,7 +104,7 @@ def train(layout: str, optimizer: str, steps: int, **muon: object) -> dict:
         "waves": [len(plan.waves) for plan in opt._muon.ns.plans] if opt._muon.ns else [],
         "modes": opt._muon.ns.hsdp_modes if opt._muon.ns else [],
     }
-    if optimizer == "amuse":
+    if optimizer.startswith("amuse"):
         xs = opt.x_tensors()
         out["x"] = {n: full(xs[p]) for n, p in model.named_parameters()}
     return out
@@ -116,7 +119,7 @@ def main() -> None:
     dist.init_process_group("gloo")
     runs: dict[str, dict] = {}
     if args.suite == "meshes":
-        for optimizer in ("amuse", "muon"):
+        for optimizer in ("amuse", "muon", *DIRECTION_ARMS):
             for layout in ("fsdp", "hsdp", "tp", "fsdp_tp"):
                 runs[f"{layout}/{optimizer}"] = train(layout, optimizer, args.steps)
             runs[f"hsdp_per_replica/{optimizer}"] = train(
