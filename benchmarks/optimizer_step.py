@@ -96,25 +96,19 @@ def describe(shapes: str) -> str:
 
 # ------------------------------------------------------------------------- in-process sections
 class IdentityNS:
-    """Stands in for the Muon branch: O = u (no Newton-Schulz, no exchange).
+    """An orthogonalizer that returns its batch: isolates the elementwise step (the staging and
+    the exchange's own work stay in; in one process that is no copy at all)."""
 
-    Isolates the elementwise step. (Once Newton-Schulz is injected into the branch as a function,
-    this becomes that function = identity.)
-    """
+    def __init__(self, dtype: torch.dtype = torch.bfloat16) -> None:
+        self.dtype = dtype
 
-    replicated_group = None
-    ns = None
+    def __call__(self, batch: torch.Tensor) -> torch.Tensor:
+        return batch
 
-    def orthogonalize(
-        self,
-        params: Sequence[torch.Tensor],
-        splits: Sequence[Sequence[int]],
-        updates: Sequence[torch.Tensor],
-        overlap: Callable[[], None] | None = None,
-    ) -> list[torch.Tensor]:
-        if overlap is not None:
-            overlap()
-        return list(updates)
+    def flops(self, rows: int, cols: int) -> float:
+        from amuse_dist.optim.newton_schulz import ns_flops
+
+        return float(ns_flops(rows, cols))
 
 
 def fill(model: nn.Module, device: torch.device | str, seed: int = 0) -> nn.Module:
@@ -143,7 +137,7 @@ def local_optimizer(name: str, model: nn.Module) -> torch.optim.Optimizer:
     opt = AMUSE(param_groups(model), lr=0.01, warmup_steps=2000, weight_decay=0.05)
     opt.track_update_rms = False  # a step whose metrics are not logged
     if name == "amuse":
-        opt._muon = IdentityNS()  # type: ignore[assignment]
+        opt._muon.orthogonalizer = IdentityNS(opt._muon.ns_dtype)
     return opt
 
 
@@ -170,7 +164,8 @@ def count_ops(fn: Callable[[], Any]) -> Counter[str]:
     out: Counter[str] = Counter()
     views: dict[str, bool] = {}
     for e in sorted(prof.events(), key=lambda e: e.time_range.start):
-        if not e.name.startswith("aten::"):
+        # amuse:: ops are the optimizer's fused passes (one op each, like a fused kernel)
+        if not e.name.startswith(("aten::", "amuse::")):
             continue
         if e.name not in views:
             views[e.name] = _is_view(e.name)
@@ -383,6 +378,20 @@ class ReplicatedMuonBranch:
         self.replicated_group = replicated_group
         self.probe = probe
         self.ns = None  # AMUSE.ns_log reads this
+        self._staged: tuple[list, list, list] | None = None
+
+    def stage(self, params: Sequence[torch.Tensor], splits: Sequence[Sequence[int]]) -> list:
+        """Plain NS-dtype tensors for the updates (this variant all-gathers them anyway)."""
+        from amuse_dist.distributed.layout import local_view
+
+        inputs = [torch.empty_like(local_view(p), dtype=self.ns_dtype) for p in params]
+        self._staged = (list(params), list(splits), inputs)
+        return inputs
+
+    def run(self, overlap: Callable[[], None] | None = None) -> list[torch.Tensor]:
+        assert self._staged is not None
+        params, splits, inputs = self._staged
+        return self.orthogonalize(params, splits, inputs, overlap)
 
     def orthogonalize(
         self,
