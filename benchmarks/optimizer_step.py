@@ -52,6 +52,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
 
 OPTIMIZERS = ("amuse", "replicated", "muon", "adamw")
 THRESHOLDS = {2: 0.6, 4: 0.35}  # AMUSE NS time (max over ranks) / replicated's, acceptance
@@ -134,6 +135,8 @@ def local_optimizer(name: str, model: nn.Module) -> torch.optim.Optimizer:
         return torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.1, foreach=True)
     if name == "adamw_fused":
         return torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.1, fused=True)
+    if name == "amuse_bare":  # as the README builds it: update RMS tracked on every step
+        return AMUSE(param_groups(model))
     opt = AMUSE(param_groups(model), lr=0.01, warmup_steps=2000, weight_decay=0.05)
     opt.track_update_rms = False  # a step whose metrics are not logged
     if name == "amuse":
@@ -179,6 +182,81 @@ def count_ops(fn: Callable[[], Any]) -> Counter[str]:
             counted.add(id(e))
             out[e.name] += 1
     return out
+
+
+_NO_DATA_OPS = ("empty", "empty_like", "empty_strided", "new_empty", "new_empty_strided")
+COPY_OPS = ("copy_", "_foreach_copy_", "cat", "clone", "_to_copy", "contiguous", "stack")
+SYNC_OPS = ("item", "_local_scalar_dense", "nonzero", "equal", "is_nonzero")
+
+
+def _tensors(value: Any) -> list[torch.Tensor]:
+    if isinstance(value, torch.Tensor):
+        return [value]
+    if isinstance(value, (list, tuple)):
+        return [v for v in value if isinstance(v, torch.Tensor)]
+    return []
+
+
+def _nbytes(ts: list[torch.Tensor]) -> int:
+    return sum(t.numel() * t.element_size() for t in ts)
+
+
+class StepCounter(TorchDispatchMode):
+    """Per dispatched op (an aten op or one of the optimizer's fused ``amuse::`` passes, whose
+    insides the mode does not see, as a fused kernel's): bytes moved, copies, allocations, syncs.
+
+    Bytes of an op: every tensor it reads once (inputs), every tensor it writes once (fresh
+    outputs and ``out`` arguments); an argument it mutates in place is read and written (twice).
+    Views and uninitialized allocations move nothing. ``allocs`` counts ops that return a fresh
+    tensor; ``copies`` the copy/cat/clone family; ``syncs`` host reads (``.item()``, nonzero).
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.bytes: Counter[str] = Counter()
+        self.calls: Counter[str] = Counter()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        name = func._schema.name.split("::")[-1]
+        ns = func._schema.name.split("::")[0]
+        key = f"{ns}::{name}"
+        self.calls[key] += 1
+        returns = func._schema.returns
+        if any(r.alias_info is not None and not r.alias_info.is_write for r in returns):
+            return out  # a view
+        if name in _NO_DATA_OPS:
+            self.calls["alloc"] += 1
+            return out
+        moved = 0
+        schema_args = func._schema.arguments
+        values = list(args) + [None] * (len(schema_args) - len(args))
+        for k, a in enumerate(schema_args):
+            value = kwargs.get(a.name, values[k] if k < len(values) else None)
+            ts = _tensors(value)
+            if a.alias_info is not None and a.alias_info.is_write:
+                write_only = a.is_out or a.name == "out"
+                moved += _nbytes(ts) * (1 if write_only else 2)
+            else:
+                moved += _nbytes(ts)
+        if all(r.alias_info is None for r in returns):
+            fresh = _tensors(out) if not isinstance(out, (list, tuple)) else _tensors(list(out))
+            moved += _nbytes(fresh)
+            if fresh:
+                self.calls["alloc"] += 1
+        self.bytes[key] += moved
+        return out
+
+    def count(self, names: Sequence[str]) -> int:
+        return sum(n for op, n in self.calls.items() if op.split("::")[-1] in names)
+
+
+def count_step(opt: torch.optim.Optimizer) -> StepCounter:
+    """One ``opt.step()`` under a ``StepCounter``."""
+    with StepCounter() as counter:
+        opt.step()
+    return counter
 
 
 def ops_per_step(name: str, shapes: str, n_layers: int | None, device: str) -> Counter[str]:

@@ -347,7 +347,7 @@ class AMUSE(Optimizer):
     def _adamw_update(self, b: _Batch) -> None:
         """Second moment, bias-corrected denominator and the x, z, y update: one fused op."""
         b2, t = b.group["betas2"], b.sc.t
-        scalars = [*_post_scalars(b), b2, 1.0 - b2**t, b.group["eps"]]
+        scalars = [*_post_scalars(b), b2, 1.0 - b2**t, b.group["eps"], 1.0 - b2]
         sq, w = self._tracking(b)
         adamw_step(b.y, b.z, b.g, b.buf, scalars, sq, w)
 
@@ -362,7 +362,7 @@ class AMUSE(Optimizer):
             acc = self._sq_sums.get(branch)
             device = b.y[0].device if b.y else torch.device("cpu")
             if acc is None or acc.device != device:
-                self._sq_sums[branch] = torch.zeros((), dtype=torch.float64, device=device)
+                self._sq_sums[branch] = torch.zeros(1, dtype=torch.float64, device=device)
             elif branch not in self._tracked:
                 acc.zero_()
             self._tracked.add(branch)
@@ -429,7 +429,7 @@ class AMUSE(Optimizer):
         branches = sorted(self._tracked)
         if not branches:
             return {}
-        sums = torch.stack([self._sq_sums[b].cpu() for b in branches])
+        sums = torch.cat([self._sq_sums[b].cpu() for b in branches])
         if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
             device = self._sq_sums[branches[0]].device
             sums = sums.to(device)

@@ -12,8 +12,9 @@ reads and writes is exactly one pass over its tensors:
 
 So 32 bytes per Muon-branch element and 28 per AdamW-branch element, where the previous chain of
 foreach calls moved about 68 and 92. The update RMS (sum of O^2 per branch, weighted by 1/replicas
-per tensor) is accumulated inside the same op, into a persistent accumulator, with foreach norms:
-no per-parameter ops on logging steps either.
+per tensor) is accumulated inside the same op, into a persistent accumulator (shape [1]: dynamo
+treats a 0-dim CPU tensor as a constant and drops its mutation), with foreach norms: no
+per-parameter ops on logging steps either.
 
 Implementations: on CUDA one ``torch.compile(fullgraph=True)`` graph over the lists (inductor fuses
 each op into one horizontal pass; per-step scalars travel as one tensor, so nothing recompiles);
@@ -108,13 +109,14 @@ def adamw_step_eager(
 ) -> None:
     """v <- b2 v + (1 - b2) g^2; O = g / (sqrt(v / (1 - b2^t)) + eps); then as ``muon_post``.
 
-    ``s`` = [1 - 1/beta_conv, 1 - lr wd, lr, 1 - beta (1 - c), b2, 1 - b2^t, eps].
+    ``s`` = [1 - 1/beta_conv, 1 - lr wd, lr, 1 - beta (1 - c), b2, 1 - b2^t, eps, 1 - b2]
+    (every coefficient computed on the host in float64).
     """
     if not y:
         return
     b2, bias, eps = s[4], s[5], s[6]
     torch._foreach_mul_(v, b2)
-    torch._foreach_addcmul_(v, g, g, value=1.0 - b2)
+    torch._foreach_addcmul_(v, g, g, value=s[7])
     denom = torch._foreach_div(v, bias)
     torch._foreach_sqrt_(denom)
     torch._foreach_add_(denom, eps)
@@ -127,7 +129,7 @@ def adamw_step_eager(
 
 # ------------------------------------------------------------------------- compiled (one graph)
 def _sq_of(o: Tensors, weights: torch.Tensor) -> torch.Tensor:
-    parts = [oi.float().square().sum().to(torch.float64) for oi in o]
+    parts = [oi.float().square().sum(dtype=torch.float64) for oi in o]
     return (torch.stack(parts) * weights).sum()
 
 
@@ -169,7 +171,7 @@ def adamw_step_math(
     """The AdamW-branch pass as a graph."""
     o = []
     for yi, zi, gi, vi in zip(y, z, g, v, strict=True):
-        v_new = vi * s[4] + (1.0 - s[4]) * gi * gi
+        v_new = vi * s[4] + s[7] * gi * gi
         vi.copy_(v_new)
         oi = gi / ((v_new / s[5]).sqrt() + s[6])
         o.append(oi)
@@ -197,20 +199,21 @@ def _scalars(s: list[float], like: torch.Tensor) -> torch.Tensor:
 
 
 # --------------------------------------------------------------------------------- the ops
-@torch.library.custom_op("amuse::nesterov", mutates_args=("m", "u"))
-def nesterov(g: Tensors, m: Tensors, u: Tensors, mu: float) -> None:
-    """One pass: momentum update and the Nesterov direction written into ``u`` (NS buffer)."""
-    nesterov_eager(g, m, u, mu)
+@torch.library.custom_op("amuse::nesterov", mutates_args=("m", "out"))
+def nesterov(g: Tensors, m: Tensors, out: Tensors, mu: float) -> None:
+    """One pass: momentum update and the Nesterov direction written into ``out`` (the NS
+    buffer; write-only, as an aten ``out`` argument)."""
+    nesterov_eager(g, m, out, mu)
 
 
 @nesterov.register_kernel("cuda")
-def _(g: Tensors, m: Tensors, u: Tensors, mu: float) -> None:
+def _(g: Tensors, m: Tensors, out: Tensors, mu: float) -> None:
     if g:
-        compiled_impl("nesterov")(g, m, u, mu)
+        compiled_impl("nesterov")(g, m, out, mu)
 
 
 @nesterov.register_fake
-def _(g: Tensors, m: Tensors, u: Tensors, mu: float) -> None:
+def _(g: Tensors, m: Tensors, out: Tensors, mu: float) -> None:
     return None
 
 
