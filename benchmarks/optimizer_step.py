@@ -23,12 +23,14 @@ Sections (``--sections``, all by default), one process unless noted:
             wrapped). Acceptance (CPU): AMUSE's NS time, max over ranks, <= 0.6x the replicated
             variant's at world size 2 and <= 0.35x at world size 4.
 
+* ``passes`` issue 20's targets per dispatched op on the third step: bytes per Muon-/AdamW-branch
+            element (<= 32 / <= 28), copies, host reads, allocations, ops at two depths.
 * ``plan``  exchange-plan overhead per step at 8/64/256/1024 fake ranks (8B shapes, a fake process
             group, identity NS), from benchmarks/exchange_plan.py.
 * ``memory`` the owner's peak extra memory for 8B at 8 ranks (meta tensors, real NS), default
             wave size vs unpipelined vs one wave.
 
-Usage: python benchmarks/optimizer_step.py [--sections ops time dist plan memory] [--shapes debug 124m 8b]
+Usage: python benchmarks/optimizer_step.py [--sections ops time dist passes plan memory] [--shapes debug 124m 8b]
        [--dist-shapes debug] [--world-sizes 1 2 4] [--device auto|cpu|cuda] [--warmup 2]
        [--repeats 7] [--json PATH]
 """
@@ -128,7 +130,8 @@ def fill(model: nn.Module, device: torch.device | str, seed: int = 0) -> nn.Modu
 
 
 def local_optimizer(name: str, model: nn.Module) -> torch.optim.Optimizer:
-    """One process, no process group: amuse (identity NS), amuse+ns, adamw_foreach, adamw_fused."""
+    """One process, no process group: amuse (identity NS), amuse_logging (identity NS, update
+    RMS tracked), amuse+ns, amuse_bare (``AMUSE(param_groups(model))``), adamw_foreach/fused."""
     from amuse_dist import AMUSE, param_groups
 
     if name == "adamw_foreach":
@@ -138,8 +141,8 @@ def local_optimizer(name: str, model: nn.Module) -> torch.optim.Optimizer:
     if name == "amuse_bare":  # as the README builds it: update RMS tracked on every step
         return AMUSE(param_groups(model))
     opt = AMUSE(param_groups(model), lr=0.01, warmup_steps=2000, weight_decay=0.05)
-    opt.track_update_rms = False  # a step whose metrics are not logged
-    if name == "amuse":
+    opt.track_update_rms = name == "amuse_logging"  # else a step whose metrics are not logged
+    if name in ("amuse", "amuse_logging"):
         opt._muon.orthogonalizer = IdentityNS(opt._muon.ns_dtype)
     return opt
 
@@ -376,7 +379,65 @@ def memory_section(args: argparse.Namespace) -> list[dict[str, Any]]:
     return rows
 
 
+def passes_section(args: argparse.Namespace) -> list[dict[str, Any]]:
+    """Issue 20's step targets, per dispatched op (``StepCounter``), on the third step: bytes
+    per Muon-/AdamW-branch element, copies, host reads and allocations, and top-level ops at the
+    flavor's depth and half of it (meta). ``amuse``/``amuse_logging``: identity NS (the
+    elementwise step and its staging); ``amuse_bare``: the README's optimizer, real NS (CPU:
+    debug shapes only, NS5 on bigger ones takes minutes there)."""
+    rows = []
+    for shapes in args.shapes:
+        if args.device == "cpu" and shapes not in FITS_ON_CPU[:2]:
+            continue
+        depth = flavor_args(shapes).n_layers
+        for name in ("amuse", "amuse_logging", "amuse_bare"):
+            if name == "amuse_bare" and args.device == "cpu" and shapes != "debug":
+                continue
+            model = fill(build_model(shapes), args.device)
+            opt = local_optimizer(name, model)
+            opt.step()
+            opt.step()
+            c = count_step(opt)
+            numel = {
+                m: sum(
+                    p.numel() for g in opt.param_groups if g["use_muon"] == m for p in g["params"]
+                )
+                for m in (True, False)
+            }
+            muon = c.bytes["amuse::nesterov"] + c.bytes["amuse::muon_post"]
+            ops = [sum(ops_per_step(name, shapes, n, "meta").values()) for n in (depth, depth // 2)]
+            rows.append(
+                dict(
+                    shapes=shapes,
+                    optimizer=name,
+                    muon_bytes_per_elem=muon / numel[True],
+                    adamw_bytes_per_elem=c.bytes["amuse::adamw_step"] / numel[False],
+                    step_bytes_per_elem=sum(c.bytes.values()) / (numel[True] + numel[False]),
+                    copies=c.count(COPY_OPS),
+                    host_reads=c.count(SYNC_OPS),
+                    allocs=c.calls["alloc"],
+                    ops=ops[0],
+                    ops_half_depth=ops[1],
+                )
+            )
+            del model, opt
+    print(
+        "| shapes | optimizer | Muon B/elem | AdamW B/elem | whole step B/elem | copies "
+        "| host reads | allocations | ops (depth) | ops (half depth) |"
+    )
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        print(
+            f"| {r['shapes']} | {r['optimizer']} | {r['muon_bytes_per_elem']:.4f} "
+            f"| {r['adamw_bytes_per_elem']:.4f} | {r['step_bytes_per_elem']:.1f} "
+            f"| {r['copies']} | {r['host_reads']} "
+            f"| {r['allocs']} | {r['ops']} | {r['ops_half_depth']} |"
+        )
+    return rows
+
+
 EXTRA_SECTIONS: dict[str, Callable[[argparse.Namespace], list[dict[str, Any]]]] = {
+    "passes": passes_section,
     "plan": plan_section,
     "memory": memory_section,
 }
