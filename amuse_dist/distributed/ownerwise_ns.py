@@ -418,7 +418,7 @@ class OwnerwiseNewtonSchulz:
                 _Group(layout.group, ids, plan, None if alone else rank_plan(plan, sub, me))
             )
         self.owned_log: list[int] = []
-        self._inputs: list[torch.Tensor] | None = None
+        self._device: torch.device | str | None = None  # set by stage(), cleared by run()
 
     @property
     def hsdp_modes(self) -> list[str]:
@@ -462,8 +462,8 @@ class OwnerwiseNewtonSchulz:
                 inputs[i] = torch.empty(
                     self.tasks[i].layout.local.shape, dtype=dtype, device=device
                 )
-        self._inputs = inputs  # type: ignore[assignment]
-        return self._inputs  # type: ignore[return-value]
+        self._device = device
+        return inputs  # type: ignore[return-value]
 
     # ------------------------------------------------------------------------------ running
     def run(self, overlap: Callable[[], None] | None = None) -> list[torch.Tensor]:
@@ -472,7 +472,7 @@ class OwnerwiseNewtonSchulz:
         Call after ``stage()`` and after writing the updates. ``overlap`` is called exactly
         once: while the first gather is in flight, or before NS when there is no communication.
         """
-        if self._inputs is None:
+        if self._device is None:
             raise RuntimeError("OwnerwiseNewtonSchulz.run() before stage()")
         out: list[torch.Tensor | None] = [None] * len(self.tasks)
         self.owned_log = []
@@ -488,13 +488,13 @@ class OwnerwiseNewtonSchulz:
                 pending = None
         if pending is not None:
             pending()
-        device = self._inputs[0].device if self._inputs else "cpu"
+        device = self._device
         for i, o in enumerate(out):
             if o is None:  # an empty local piece (matrix smaller than the world)
                 out[i] = torch.empty(
                     self.tasks[i].layout.local.shape, dtype=self.orth.dtype, device=device
                 )
-        self._inputs = None
+        self._device = None
         return out  # type: ignore[return-value]
 
     def __call__(
@@ -508,6 +508,7 @@ class OwnerwiseNewtonSchulz:
         pairs = [(i, u) for i, u in zip(inputs, updates, strict=True) if u.numel()]
         if pairs:
             torch._foreach_copy_([i for i, _ in pairs], [u for _, u in pairs])
+        del inputs, pairs  # the staged views: each wave's send buffer is freed once sent
         return self.run(overlap)
 
     def _run_alone(self, grp: _Group, out: list[torch.Tensor | None]) -> None:
@@ -527,14 +528,15 @@ class OwnerwiseNewtonSchulz:
         send: torch.Tensor,
         in_splits,
         out_splits,  # type: ignore[no-untyped-def]
-    ) -> tuple[torch.Tensor, dist.Work | None]:
+    ) -> tuple[torch.Tensor, dist.Work | None, torch.Tensor]:
+        """Start one all_to_all_single; the handle keeps ``send`` alive until it is waited on."""
         recv = torch.empty(sum(out_splits), dtype=send.dtype, device=send.device)
         work = dist.all_to_all_single(
             recv, send, list(out_splits), list(in_splits), group=grp.group, async_op=True
         )
-        return recv, work
+        return recv, work, send
 
-    def _gather(self, grp: _Group, k: int) -> tuple[torch.Tensor, dist.Work | None]:
+    def _gather(self, grp: _Group, k: int) -> tuple[torch.Tensor, dist.Work | None, torch.Tensor]:
         w = grp.rank_plan.waves[k]  # type: ignore[union-attr]
         return self._a2a(grp, grp.send[k], w.send_splits, w.recv_splits)  # type: ignore[index]
 
@@ -577,7 +579,7 @@ class OwnerwiseNewtonSchulz:
 
     def _start_return(
         self, grp: _Group, w: WavePlan, results: list[torch.Tensor]
-    ) -> tuple[torch.Tensor, dist.Work | None]:
+    ) -> tuple[torch.Tensor, dist.Work | None, torch.Tensor]:
         if w.direct_out:
             send = results[0].reshape(-1)
         else:
@@ -600,7 +602,7 @@ class OwnerwiseNewtonSchulz:
             for b in w.batches:
                 starts.append(starts[-1] + len(b.matrices))
             dtype = results[0].dtype if results else self.orth.dtype
-            device = results[0].device if results else grp.send[0].device  # type: ignore[index]
+            device = results[0].device if results else self._device
             send = torch.empty(sum(w.return_send_splits), dtype=dtype, device=device)
             if w.returned:
                 torch.cat([flat[starts[r.batch] + r.pos][r.piece] for r in w.returned], out=send)
@@ -610,10 +612,10 @@ class OwnerwiseNewtonSchulz:
         self,
         grp: _Group,
         w: WavePlan,
-        handle: tuple[torch.Tensor, dist.Work | None],
+        handle: tuple[torch.Tensor, dist.Work | None, torch.Tensor],
         out: list[torch.Tensor | None],
     ) -> None:
-        recv, work = handle
+        recv, work, _ = handle
         if work is not None:
             work.wait()
         for inc in w.incoming:
@@ -637,10 +639,11 @@ class OwnerwiseNewtonSchulz:
         for k, w in enumerate(waves):
             if self.pipeline and k + 1 < len(waves):
                 gathers[k + 1] = self._gather(grp, k + 1)
-            recv, work = gathers[k]
+            recv, work, _ = gathers[k]
             gathers[k] = None
             if work is not None:
                 work.wait()
+            grp.send[k] = None  # type: ignore[index]  # sent: its memory can go (O(wave) held)
             results = self._orthogonalize(grp, w, self._assemble(w, recv, grp.keep[k]))  # type: ignore[index]
             del recv
             handle = self._start_return(grp, w, results)

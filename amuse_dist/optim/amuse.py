@@ -269,6 +269,7 @@ class AMUSE(Optimizer):
                 start += len(b.params)
                 nesterov(b.g, b.buf, u, float(b.group["momentum"]))
                 self._pre_ns(b, u)
+            del inputs, u  # the staged views: each wave's send buffer is freed once sent
             outs = self._muon.run(overlap=adamw_branch)
             start = 0
             for b in muon:

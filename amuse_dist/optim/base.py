@@ -177,6 +177,7 @@ class MuonBranch:
         pairs = [(i, u) for i, u in zip(inputs, updates, strict=True) if u.numel()]
         if pairs:
             torch._foreach_copy_([i for i, _ in pairs], [u for _, u in pairs])
+        del inputs, pairs  # the staged views: each wave's send buffer is freed once sent
         return self.run(overlap)
 
     @property
