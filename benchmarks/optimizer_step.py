@@ -23,12 +23,14 @@ Sections (``--sections``, all by default), one process unless noted:
             wrapped). Acceptance (CPU): AMUSE's NS time, max over ranks, <= 0.6x the replicated
             variant's at world size 2 and <= 0.35x at world size 4.
 
+* ``passes`` issue 20's targets per dispatched op on the third step: bytes per Muon-/AdamW-branch
+            element (<= 32 / <= 28), copies, host reads, allocations, ops at two depths.
 * ``plan``  exchange-plan overhead per step at 8/64/256/1024 fake ranks (``--fake-ranks``) (8B shapes, a fake process
             group, identity NS), from benchmarks/exchange_plan.py.
 * ``memory`` the owner's peak extra memory for 8B at 8 ranks (meta tensors, real NS), default
             wave size vs unpipelined vs one wave.
 
-Usage: python benchmarks/optimizer_step.py [--sections ops time dist plan memory] [--shapes debug 124m 8b]
+Usage: python benchmarks/optimizer_step.py [--sections ops time dist passes plan memory] [--shapes debug 124m 8b]
        [--dist-shapes debug] [--world-sizes 1 2 4] [--device auto|cpu|cuda] [--warmup 2]
        [--repeats 7] [--json PATH]
 """
@@ -52,11 +54,12 @@ from typing import Any
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from amuse_dist.titan.launch import setup_device, torchrun_command
 
 OPTIMIZERS = ("amuse", "replicated", "muon", "adamw")
-SECTIONS = ("ops", "time", "dist", "plan", "memory")
+SECTIONS = ("ops", "time", "dist", "plan", "memory", "passes")
 # Tiny arguments per section for tests/test_benchmarks.py (seconds each; figures not checked).
 SMOKE = {
     "ops": ["--sections", "ops", "--shapes", "debug"],
@@ -67,6 +70,7 @@ SMOKE = {
     ],
     "plan": ["--sections", "plan", "--fake-ranks", "8", "--repeats", "1"],
     "memory": ["--sections", "memory"],
+    "passes": ["--sections", "passes", "--shapes", "debug", "--device", "cpu"],
 }  # fmt: skip
 THRESHOLDS = {2: 0.6, 4: 0.35}  # AMUSE NS time (max over ranks) / replicated's, acceptance
 ELEMENTWISE_LIMIT = 1.3  # AMUSE elementwise step / AdamW(foreach), 124m shapes (issue 10)
@@ -108,25 +112,19 @@ def describe(shapes: str) -> str:
 
 # ------------------------------------------------------------------------- in-process sections
 class IdentityNS:
-    """Stands in for the Muon branch: O = u (no Newton-Schulz, no exchange).
+    """An orthogonalizer that returns its batch: isolates the elementwise step (the staging and
+    the exchange's own work stay in; in one process that is no copy at all)."""
 
-    Isolates the elementwise step. (Once Newton-Schulz is injected into the branch as a function,
-    this becomes that function = identity.)
-    """
+    def __init__(self, dtype: torch.dtype = torch.bfloat16) -> None:
+        self.dtype = dtype
 
-    replicated_group = None
-    ns = None
+    def __call__(self, batch: torch.Tensor) -> torch.Tensor:
+        return batch
 
-    def orthogonalize(
-        self,
-        params: Sequence[torch.Tensor],
-        splits: Sequence[Sequence[int]],
-        updates: Sequence[torch.Tensor],
-        overlap: Callable[[], None] | None = None,
-    ) -> list[torch.Tensor]:
-        if overlap is not None:
-            overlap()
-        return list(updates)
+    def flops(self, rows: int, cols: int) -> float:
+        from amuse_dist.optim.newton_schulz import ns_flops
+
+        return float(ns_flops(rows, cols))
 
 
 def fill(model: nn.Module, device: torch.device | str, seed: int = 0) -> nn.Module:
@@ -145,17 +143,20 @@ def fill(model: nn.Module, device: torch.device | str, seed: int = 0) -> nn.Modu
 
 
 def local_optimizer(name: str, model: nn.Module) -> torch.optim.Optimizer:
-    """One process, no process group: amuse (identity NS), amuse+ns, adamw_foreach, adamw_fused."""
+    """One process, no process group: amuse (identity NS), amuse_logging (identity NS, update
+    RMS tracked), amuse+ns, amuse_bare (``AMUSE(param_groups(model))``), adamw_foreach/fused."""
     from amuse_dist import AMUSE, param_groups
 
     if name == "adamw_foreach":
         return torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.1, foreach=True)
     if name == "adamw_fused":
         return torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.1, fused=True)
+    if name == "amuse_bare":  # as the README builds it: update RMS tracked on every step
+        return AMUSE(param_groups(model))
     opt = AMUSE(param_groups(model), lr=0.01, warmup_steps=2000, weight_decay=0.05)
-    opt.track_update_rms = False  # a step whose metrics are not logged
-    if name == "amuse":
-        opt._muon = IdentityNS()  # type: ignore[assignment]
+    opt.track_update_rms = name == "amuse_logging"  # else a step whose metrics are not logged
+    if name in ("amuse", "amuse_logging"):
+        opt._muon.orthogonalizer = IdentityNS(opt._muon.ns_dtype)
     return opt
 
 
@@ -182,7 +183,8 @@ def count_ops(fn: Callable[[], Any]) -> Counter[str]:
     out: Counter[str] = Counter()
     views: dict[str, bool] = {}
     for e in sorted(prof.events(), key=lambda e: e.time_range.start):
-        if not e.name.startswith("aten::"):
+        # amuse:: ops are the optimizer's fused passes (one op each, like a fused kernel)
+        if not e.name.startswith(("aten::", "amuse::")):
             continue
         if e.name not in views:
             views[e.name] = _is_view(e.name)
@@ -196,6 +198,81 @@ def count_ops(fn: Callable[[], Any]) -> Counter[str]:
             counted.add(id(e))
             out[e.name] += 1
     return out
+
+
+_NO_DATA_OPS = ("empty", "empty_like", "empty_strided", "new_empty", "new_empty_strided")
+COPY_OPS = ("copy_", "_foreach_copy_", "cat", "clone", "_to_copy", "contiguous", "stack")
+SYNC_OPS = ("item", "_local_scalar_dense", "nonzero", "equal", "is_nonzero")
+
+
+def _tensors(value: Any) -> list[torch.Tensor]:
+    if isinstance(value, torch.Tensor):
+        return [value]
+    if isinstance(value, (list, tuple)):
+        return [v for v in value if isinstance(v, torch.Tensor)]
+    return []
+
+
+def _nbytes(ts: list[torch.Tensor]) -> int:
+    return sum(t.numel() * t.element_size() for t in ts)
+
+
+class StepCounter(TorchDispatchMode):
+    """Per dispatched op (an aten op or one of the optimizer's fused ``amuse::`` passes, whose
+    insides the mode does not see, as a fused kernel's): bytes moved, copies, allocations, syncs.
+
+    Bytes of an op: every tensor it reads once (inputs), every tensor it writes once (fresh
+    outputs and ``out`` arguments); an argument it mutates in place is read and written (twice).
+    Views and uninitialized allocations move nothing. ``allocs`` counts ops that return a fresh
+    tensor; ``copies`` the copy/cat/clone family; ``syncs`` host reads (``.item()``, nonzero).
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.bytes: Counter[str] = Counter()
+        self.calls: Counter[str] = Counter()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        name = func._schema.name.split("::")[-1]
+        ns = func._schema.name.split("::")[0]
+        key = f"{ns}::{name}"
+        self.calls[key] += 1
+        returns = func._schema.returns
+        if any(r.alias_info is not None and not r.alias_info.is_write for r in returns):
+            return out  # a view
+        if name in _NO_DATA_OPS:
+            self.calls["alloc"] += 1
+            return out
+        moved = 0
+        schema_args = func._schema.arguments
+        values = list(args) + [None] * (len(schema_args) - len(args))
+        for k, a in enumerate(schema_args):
+            value = kwargs.get(a.name, values[k] if k < len(values) else None)
+            ts = _tensors(value)
+            if a.alias_info is not None and a.alias_info.is_write:
+                write_only = a.is_out or a.name == "out"
+                moved += _nbytes(ts) * (1 if write_only else 2)
+            else:
+                moved += _nbytes(ts)
+        if all(r.alias_info is None for r in returns):
+            fresh = _tensors(out) if not isinstance(out, (list, tuple)) else _tensors(list(out))
+            moved += _nbytes(fresh)
+            if fresh:
+                self.calls["alloc"] += 1
+        self.bytes[key] += moved
+        return out
+
+    def count(self, names: Sequence[str]) -> int:
+        return sum(n for op, n in self.calls.items() if op.split("::")[-1] in names)
+
+
+def count_step(opt: torch.optim.Optimizer) -> StepCounter:
+    """One ``opt.step()`` under a ``StepCounter``."""
+    with StepCounter() as counter:
+        opt.step()
+    return counter
 
 
 def ops_per_step(name: str, shapes: str, n_layers: int | None, device: str) -> Counter[str]:
@@ -315,7 +392,65 @@ def memory_section(args: argparse.Namespace) -> list[dict[str, Any]]:
     return rows
 
 
+def passes_section(args: argparse.Namespace) -> list[dict[str, Any]]:
+    """Issue 20's step targets, per dispatched op (``StepCounter``), on the third step: bytes
+    per Muon-/AdamW-branch element, copies, host reads and allocations, and top-level ops at the
+    flavor's depth and half of it (meta). ``amuse``/``amuse_logging``: identity NS (the
+    elementwise step and its staging); ``amuse_bare``: the README's optimizer, real NS (CPU:
+    debug shapes only, NS5 on bigger ones takes minutes there)."""
+    rows = []
+    for shapes in args.shapes:
+        if args.device == "cpu" and shapes not in FITS_ON_CPU[:2]:
+            continue
+        depth = flavor_args(shapes).n_layers
+        for name in ("amuse", "amuse_logging", "amuse_bare"):
+            if name == "amuse_bare" and args.device == "cpu" and shapes != "debug":
+                continue
+            model = fill(build_model(shapes), args.device)
+            opt = local_optimizer(name, model)
+            opt.step()
+            opt.step()
+            c = count_step(opt)
+            numel = {
+                m: sum(
+                    p.numel() for g in opt.param_groups if g["use_muon"] == m for p in g["params"]
+                )
+                for m in (True, False)
+            }
+            muon = c.bytes["amuse::nesterov"] + c.bytes["amuse::muon_post"]
+            ops = [sum(ops_per_step(name, shapes, n, "meta").values()) for n in (depth, depth // 2)]
+            rows.append(
+                dict(
+                    shapes=shapes,
+                    optimizer=name,
+                    muon_bytes_per_elem=muon / numel[True],
+                    adamw_bytes_per_elem=c.bytes["amuse::adamw_step"] / numel[False],
+                    step_bytes_per_elem=sum(c.bytes.values()) / (numel[True] + numel[False]),
+                    copies=c.count(COPY_OPS),
+                    host_reads=c.count(SYNC_OPS),
+                    allocs=c.calls["alloc"],
+                    ops=ops[0],
+                    ops_half_depth=ops[1],
+                )
+            )
+            del model, opt
+    print(
+        "| shapes | optimizer | Muon B/elem | AdamW B/elem | whole step B/elem | copies "
+        "| host reads | allocations | ops (depth) | ops (half depth) |"
+    )
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        print(
+            f"| {r['shapes']} | {r['optimizer']} | {r['muon_bytes_per_elem']:.4f} "
+            f"| {r['adamw_bytes_per_elem']:.4f} | {r['step_bytes_per_elem']:.1f} "
+            f"| {r['copies']} | {r['host_reads']} "
+            f"| {r['allocs']} | {r['ops']} | {r['ops_half_depth']} |"
+        )
+    return rows
+
+
 EXTRA_SECTIONS: dict[str, Callable[[argparse.Namespace], list[dict[str, Any]]]] = {
+    "passes": passes_section,
     "plan": plan_section,
     "memory": memory_section,
 }
@@ -395,6 +530,20 @@ class ReplicatedMuonBranch:
         self.replicated_group = replicated_group
         self.probe = probe
         self.ns = None  # AMUSE.ns_log reads this
+        self._staged: tuple[list, list, list] | None = None
+
+    def stage(self, params: Sequence[torch.Tensor], splits: Sequence[Sequence[int]]) -> list:
+        """Plain NS-dtype tensors for the updates (this variant all-gathers them anyway)."""
+        from amuse_dist.distributed.layout import local_view
+
+        inputs = [torch.empty_like(local_view(p), dtype=self.ns_dtype) for p in params]
+        self._staged = (list(params), list(splits), inputs)
+        return inputs
+
+    def run(self, overlap: Callable[[], None] | None = None) -> list[torch.Tensor]:
+        assert self._staged is not None
+        params, splits, inputs = self._staged
+        return self.orthogonalize(params, splits, inputs, overlap)
 
     def orthogonalize(
         self,

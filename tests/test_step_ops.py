@@ -8,13 +8,25 @@ from __future__ import annotations
 
 import copy
 import sys
+from collections import Counter
 
 import pytest
 import torch
 
 from amuse_dist import AMUSE, param_groups
+from amuse_dist.optim import elementwise
 from amuse_dist.optim.newton_schulz import newton_schulz5
-from benchmarks.optimizer_step import ops_per_step
+from benchmarks.optimizer_step import (
+    COPY_OPS,
+    build_model,
+    count_step,
+    fill,
+    local_optimizer,
+    ops_per_step,
+)
+from benchmarks.optimizer_step import (
+    SYNC_OPS as HOST_READS,
+)
 from tests.reference_amuse import ns5
 from tests.toy import batch, loss_fn, make_model
 
@@ -28,7 +40,7 @@ SYNC_OPS = {"aten::item", "aten::_local_scalar_dense"}
 def op_counts() -> dict[tuple[str, int], dict[str, int]]:
     return {
         (name, depth): dict(ops_per_step(name, "debug", depth, "cpu"))
-        for name in ("amuse", "amuse+ns", "adamw_foreach")
+        for name in ("amuse", "amuse+ns", "amuse_bare", "adamw_foreach")
         for depth in (2, 4)
     }
 
@@ -47,6 +59,101 @@ def test_amuse_ops_per_step_bounded_and_flat_in_depth(op_counts: dict) -> None:
 def test_amuse_with_ns_ops_flat_in_depth(op_counts: dict) -> None:
     ns2, ns4 = (sum(op_counts["amuse+ns", d].values()) for d in (2, 4))
     assert ns2 == ns4, (op_counts["amuse+ns", 2], op_counts["amuse+ns", 4])
+
+
+def test_bare_readme_optimizer_ops_flat_in_depth(op_counts: dict) -> None:
+    """``AMUSE(param_groups(model))`` tracks the update RMS on every step: still flat."""
+    bare2, bare4 = (sum(op_counts["amuse_bare", d].values()) for d in (2, 4))
+    assert bare2 == bare4, (op_counts["amuse_bare", 2], op_counts["amuse_bare", 4])
+    # tracking lives inside the fused passes: it adds only the zeroing of one accumulator per
+    # branch
+    extra = Counter(op_counts["amuse_bare", 4])
+    extra.subtract(op_counts["amuse+ns", 4])
+    assert +extra == Counter({"aten::zero_": 2}), extra
+
+
+def _third_step(name: str, n_layers: int = 2):  # type: ignore[no-untyped-def]
+    model = fill(build_model("debug", n_layers), "cpu")
+    opt = local_optimizer(name, model)
+    opt.step()
+    opt.step()
+    counter = count_step(opt)
+    numel = {True: 0, False: 0}
+    tensors = {True: 0, False: 0}
+    for g in opt.param_groups:
+        numel[g["use_muon"]] += sum(p.numel() for p in g["params"])
+        tensors[g["use_muon"]] += len(g["params"])
+    return counter, numel, tensors
+
+
+@pytest.mark.parametrize("name", ["amuse", "amuse_bare"])
+def test_elementwise_bytes_per_element(name: str) -> None:
+    """One pass per branch: <= 32 bytes per Muon element (fp32 state, bf16 NS) and <= 28 per
+    AdamW element (issue 20's targets), counted per dispatched op. On tracked steps the update
+    RMS adds only its per-tensor weight and the accumulator (16 bytes per tensor per pass)."""
+    counter, numel, tensors = _third_step(name)
+    slack = {m: (16 * tensors[m] + 16 if name == "amuse_bare" else 0) for m in (True, False)}
+    muon = counter.bytes["amuse::nesterov"] + counter.bytes["amuse::muon_post"]
+    adamw = counter.bytes["amuse::adamw_step"]
+    assert muon <= 32 * numel[True] + slack[True], muon / numel[True]
+    assert adamw <= 28 * numel[False] + slack[False], adamw / numel[False]
+    if name == "amuse":  # identity NS, one process: nothing else in the step moves data
+        other = sum(n for op, n in counter.bytes.items() if not op.startswith("amuse::"))
+        assert other == 0, counter.bytes
+
+
+def test_one_process_step_has_no_staging_copies_and_no_host_reads() -> None:
+    """Bare optimizer, real NS, one process: u lands in the NS batch buffer and muon_post reads
+    NS's result in place (tall matrices as a transposed view): no copy/cat/clone at all."""
+    counter, _, _ = _third_step("amuse_bare")
+    assert counter.count(COPY_OPS) == 0, counter.calls
+    assert counter.count(HOST_READS) == 0, counter.calls
+
+
+def test_identity_ns_step_allocates_nothing_after_warmup() -> None:
+    """Persistent staging buffers, accumulators and weights: after warm-up the elementwise step
+    and its staging allocate no tensor (what a CUDA graph capture of the step needs)."""
+    counter, _, _ = _third_step("amuse")
+    assert counter.calls["alloc"] == 0, counter.calls
+    model = fill(build_model("debug", 2), "cpu")
+    opt = local_optimizer("amuse", model)
+    opt.track_update_rms = True
+    opt.step()
+    opt.step()
+    assert count_step(opt).calls["alloc"] == 0
+
+
+def _lists(seed: int, dtype: torch.dtype = torch.float32) -> list[torch.Tensor]:
+    gen = torch.Generator().manual_seed(seed)
+    return [torch.randn(shape, generator=gen, dtype=dtype) for shape in [(7, 5), (3,), (16, 9)]]
+
+
+@pytest.mark.parametrize("name", ["nesterov", "muon_post", "adamw_step"])
+def test_compiled_pass_equals_the_reference(name: str) -> None:
+    """The one-graph form (what CUDA runs; here through aot_eager on the CPU) equals the eager
+    reference to 1e-6 in fp32, the update RMS accumulator included."""
+    s = [0.37, 1.0 - 0.02 * 0.05, 0.02, 0.71, 0.999, 1.0 - 0.999**7, 1e-10, 1.0 - 0.999]
+    ref = [_lists(k) for k in range(5)]
+    ref[3] = [t.abs() for t in ref[3]]  # the second moment
+    got = [[t.clone() for t in ts] for ts in ref]
+    w = torch.tensor([1.0, 0.5, 1.0], dtype=torch.float64)
+    sq_ref, sq_got = torch.zeros(1, dtype=torch.float64), torch.zeros(1, dtype=torch.float64)
+    fn = elementwise.compiled_impl(name, backend="aot_eager")
+    if name == "nesterov":
+        ref[2] = [torch.empty_like(t) for t in ref[2]]
+        got[2] = [torch.empty_like(t) for t in got[2]]
+        elementwise.nesterov_eager(ref[0], ref[1], ref[2], 0.95)
+        fn(got[0], got[1], got[2], 0.95)
+    elif name == "muon_post":
+        elementwise.muon_post_eager(ref[0], ref[1], ref[2], s[:4], sq_ref, w)
+        fn(got[0], got[1], got[2], torch.tensor(s[:4]), sq_got, w)
+    else:
+        elementwise.adamw_step_eager(ref[0], ref[1], ref[2], ref[3], s, sq_ref, w)
+        fn(got[0], got[1], got[2], got[3], torch.tensor(s), sq_got, w)
+    for a, b in zip(ref, got, strict=True):
+        for x, y in zip(a, b, strict=True):
+            torch.testing.assert_close(y, x, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(sq_got, sq_ref, rtol=1e-6, atol=0)
 
 
 def test_non_logged_step_reads_nothing_back_to_the_host(op_counts: dict) -> None:

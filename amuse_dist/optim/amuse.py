@@ -22,6 +22,7 @@ from amuse_dist.distributed.plan import HSDP_MODES
 from amuse_dist.optim import hparams
 from amuse_dist.optim.base import MuonBranch, check_range, default_replicated_group, split_named
 from amuse_dist.optim.directions import DIRECTIONS, make_direction
+from amuse_dist.optim.elementwise import adamw_step, muon_post, nesterov
 from amuse_dist.optim.hparams import hparam
 from amuse_dist.optim.schedule import StepScalars, step_scalars
 
@@ -264,15 +265,20 @@ class AMUSE(Optimizer):
         # update_rms() needs sum(O^2), an extra pass and a per-parameter loop: a trainer sets
         # this to False on steps whose metrics are not logged (AmuseMetricsProcessor does)
         self.track_update_rms = True
-        self._sq_sums: dict[str, torch.Tensor] = {}
+        self._sq_sums: dict[str, torch.Tensor] = {}  # persistent accumulators per branch
         self._numels: dict[str, int] = {}
+        self._tracked: set[str] = set()  # the branches tracked on the last step
+        self._weights: dict[tuple[int, ...], torch.Tensor] = {}
 
     # ----------------------------------------------------------------------------- the step
     @torch.no_grad()
     def step(self, closure: Callable[[], float] | None = None) -> float | None:  # type: ignore[override]
-        """One AMUSE step: a few ``torch._foreach_*`` calls per branch, NS5 for the Muon branch.
+        """One AMUSE step: per branch and dtype group one fused elementwise op (``elementwise``),
+        NS5 for the Muon branch.
 
-        The AdamW branch's math runs while the Muon exchange is in flight (``overlap``).
+        Muon branch: ``amuse::nesterov`` writes u, cast to the NS dtype, straight into the
+        exchange's buffers; NS; ``amuse::muon_post`` reads O where the exchange left it. The
+        AdamW branch (``amuse::adamw_step``) runs while the Muon exchange is in flight.
         """
         loss = None
         if closure is not None:
@@ -281,7 +287,7 @@ class AMUSE(Optimizer):
         steps = [s for g in self.param_groups if (s := self._group_step(g)) is not None]
         batches = [b for s in steps for b in s.batches]
         muon = [b for b in batches if b.muon]
-        self._sq_sums, self._numels = {}, {}
+        self._start_tracking(batches)
 
         def adamw_branch() -> None:
             for b in batches:
@@ -289,26 +295,34 @@ class AMUSE(Optimizer):
                     self._adamw_update(b)
 
         if muon:
-            updates = [u for b in muon for u in _nesterov(b)]
-            flat = [p for b in muon for p in b.params]
+            params = [p for b in muon for p in b.params]
             splits = [tuple(b.group["ns_split"]) for b in muon for _ in b.params]
+            inputs = self._muon.stage(params, splits)
+            start = 0
+            for b in muon:
+                u = inputs[start : start + len(b.params)]
+                start += len(b.params)
+                nesterov(b.g, b.buf, u, float(b.group["momentum"]))
             groups = [b.group for b in muon for _ in b.params]
-            self._direction.pre_ns(groups, updates)
-            outs = self._muon.orthogonalize(flat, splits, updates, overlap=adamw_branch)
+            # the direction (AdaMuon: sign) on each rank's staged piece, in place, before the
+            # gather; then its normalization of the returned pieces (one batched all-reduce)
+            self._direction.pre_ns(groups, inputs)
+            del inputs, u  # the staged views: each wave's send buffer is freed once sent
+            outs = self._muon.run(overlap=adamw_branch)
             outs = self._direction.post_ns(
-                lambda: self._muon.tasks(flat, splits),
-                flat,
+                lambda: self._muon.tasks(params, splits),
+                params,
                 groups,
                 outs,
-                [self.state[p] for p in flat],
+                [self.state[p] for p in params],
                 [b.sc.t for b in muon for _ in b.params],
             )
             start = 0
             for b in muon:
                 directions = outs[start : start + len(b.params)]
                 start += len(b.params)
-                self._track(b, directions)
-                _xzy_update(b, directions)
+                sq, w = self._tracking(b)
+                muon_post(b.y, b.z, directions, _post_scalars(b), sq, w)
         else:
             adamw_branch()
         for s in steps:
@@ -371,32 +385,48 @@ class AMUSE(Optimizer):
         return _GroupStep(group, sc, batches)
 
     def _adamw_update(self, b: _Batch) -> None:
-        """Second moment, bias-corrected denominator, then the shared x, z, y update."""
+        """Second moment, bias-corrected denominator and the x, z, y update: one fused op."""
         b2, t = b.group["betas2"], b.sc.t
-        torch._foreach_mul_(b.buf, b2)
-        torch._foreach_addcmul_(b.buf, b.g, b.g, value=1.0 - b2)  # v = b2 v + (1 - b2) g^2
-        denom = torch._foreach_div(b.buf, 1.0 - b2**t)
-        torch._foreach_sqrt_(denom)
-        torch._foreach_add_(denom, b.group["eps"])
-        if self.track_update_rms:
-            self._track(b, torch._foreach_div(b.g, denom))
-        _xzy_update(b, b.g, denom)
+        scalars = [*_post_scalars(b), b2, 1.0 - b2**t, b.group["eps"], 1.0 - b2]
+        sq, w = self._tracking(b)
+        adamw_step(b.y, b.z, b.g, b.buf, scalars, sq, w)
 
-    def _track(self, b: _Batch, directions: list[torch.Tensor]) -> None:
-        """This rank's share of sum(O^2) per branch for update_rms(), on tracked steps only.
-
-        A per-parameter loop, but it runs only on steps whose metrics are logged; it is kept
-        exactly as before so the logged values do not change.
-        """
+    def _start_tracking(self, batches: list[_Batch]) -> None:
+        """Zero the persistent sum(O^2) accumulators of this step's branches (tracked steps)."""
+        self._tracked = set()
         if not self.track_update_rms:
             return
+        self._numels = {}
+        for b in batches:
+            branch = "muon" if b.muon else "adamw"
+            acc = self._sq_sums.get(branch)
+            device = b.y[0].device if b.y else torch.device("cpu")
+            if acc is None or acc.device != device:
+                self._sq_sums[branch] = torch.zeros(1, dtype=torch.float64, device=device)
+            elif branch not in self._tracked:
+                acc.zero_()
+            self._tracked.add(branch)
+            self._numels[branch] = self._numels.get(branch, 0) + sum(p.numel() for p in b.params)
+
+    def _tracking(self, b: _Batch) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """This batch's sum(O^2) accumulator and per-tensor weights 1/replicas (so the world sum
+        counts every piece once), or (None, None) on untracked steps.
+
+        The weights are built once per parameter list and kept (no per-step allocation).
+        """
+        if not self.track_update_rms:
+            return None, None
         branch = "muon" if b.muon else "adamw"
-        for p, o in zip(b.params, directions, strict=True):
-            sq = o.float().pow(2).sum(dtype=torch.float64)
-            sq = sq / _replicas(p, self._muon.replicated_group)
-            prev = self._sq_sums.get(branch)
-            self._sq_sums[branch] = sq if prev is None else prev + sq
-            self._numels[branch] = self._numels.get(branch, 0) + p.numel()
+        key = tuple(id(p) for p in b.params)
+        w = self._weights.get(key)
+        device = b.y[0].device if b.y else torch.device("cpu")
+        if w is None or w.device != device:
+            group = self._muon.replicated_group
+            w = torch.tensor(
+                [1.0 / _replicas(p, group) for p in b.params], dtype=torch.float64, device=device
+            )
+            self._weights[key] = w
+        return self._sq_sums[branch], w
 
     # ----------------------------------------------------------------------------- reading
     def x_tensors(self) -> dict[torch.Tensor, torch.Tensor]:
@@ -436,10 +466,10 @@ class AMUSE(Optimizer):
 
         A collective when torch.distributed is initialized: call it on every rank.
         """
-        branches = sorted(self._sq_sums)
+        branches = sorted(self._tracked)
         if not branches:
             return {}
-        sums = torch.stack([self._sq_sums[b].cpu() for b in branches])
+        sums = torch.cat([self._sq_sums[b].cpu() for b in branches])
         if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
             device = self._sq_sums[branches[0]].device
             sums = sums.to(device)
@@ -530,51 +560,17 @@ class _GroupStep:
         g[_LR_T], g[_BETA], g[_C] = sc.lr, sc.beta, sc.c
 
 
-def _nesterov(b: _Batch) -> list[torch.Tensor]:
-    """m = mu m + (1 - mu) g (in place); returns u = (1 - mu) g + mu m (new tensors).
+def _post_scalars(b: _Batch) -> list[float]:
+    """[1 - 1/beta_conv, 1 - lr wd, lr, 1 - beta (1 - c)] for the fused x, z, y update.
 
-    With a momentum dtype other than the gradient's, g is first cast into one flat buffer of the
-    momentum's dtype (one allocation, views for the pieces), which then becomes u.
-    """
-    mu = b.group["momentum"]
-    if all(m.dtype == g.dtype for m, g in zip(b.buf, b.g, strict=True)):
-        torch._foreach_lerp_(b.buf, b.g, 1.0 - mu)
-        return list(torch._foreach_lerp(b.g, b.buf, mu))
-    u = _flat_like(b.buf)
-    torch._foreach_copy_(u, b.g)
-    torch._foreach_lerp_(b.buf, u, 1.0 - mu)
-    torch._foreach_lerp_(u, b.buf, mu)
-    return u
-
-
-def _flat_like(ts: list[torch.Tensor]) -> list[torch.Tensor]:
-    """Uninitialized tensors shaped like ``ts``: views into one buffer (a single allocation)."""
-    flat = torch.empty(sum(t.numel() for t in ts), dtype=ts[0].dtype, device=ts[0].device)
-    return [v.view(t.shape) for v, t in zip(flat.split([t.numel() for t in ts]), ts, strict=True)]
-
-
-def _xzy_update(
-    b: _Batch, directions: list[torch.Tensor], denom: list[torch.Tensor] | None = None
-) -> None:
-    """x from (y, z); z <- z (1 - lr wd) - lr O; y <- the new x/z interpolation, in place on y.
-
-    O is ``directions`` (Muon) or ``directions / denom`` (AdamW: g over its denominator, fused).
     y holds x in between: y + (1 - 1/beta_conv)(z - y) = z + (y - z)/beta_conv. Then
-    x' = x + c (z' - x) and y' = x' + (1 - beta)(z' - x') fold into one lerp of x towards z' with
-    weight 1 - beta (1 - c).
+    x' = x + c (z' - x) and y' = x' + (1 - beta)(z' - x') fold into one lerp of x towards z'
+    with weight 1 - beta (1 - c).
     """
     sc = b.sc
-    torch._foreach_lerp_(b.y, b.z, 1.0 - 1.0 / b.beta_conv)  # y now holds x
-    wd = b.group["weight_decay"]
-    if wd != 0.0:
-        torch._foreach_mul_(b.z, 1.0 - sc.lr * wd)
-    if denom is not None:
-        torch._foreach_addcdiv_(b.z, directions, denom, value=-sc.lr)
-    else:
-        if b.z and b.z[0].is_cuda and directions[0].dtype != b.z[0].dtype:
-            # CUDA's multi-tensor kernels need one dtype: cast O (bf16 from NS) in one call
-            cast = _flat_like(b.z)
-            torch._foreach_copy_(cast, directions)
-            directions = cast
-        torch._foreach_add_(b.z, directions, alpha=-sc.lr)
-    torch._foreach_lerp_(b.y, b.z, 1.0 - sc.beta * (1.0 - sc.c))
+    return [
+        1.0 - 1.0 / b.beta_conv,
+        1.0 - sc.lr * b.group["weight_decay"],
+        sc.lr,
+        1.0 - sc.beta * (1.0 - sc.c),
+    ]

@@ -74,7 +74,9 @@ class NewtonSchulz:
 
     def __call__(self, batch: torch.Tensor) -> torch.Tensor:
         rows, cols = batch.shape[-2:]
-        return newton_schulz5(batch, self.steps, self.dtype, scale=muon_scale(rows, cols))
+        return newton_schulz5(
+            batch, self.steps, self.dtype, scale=muon_scale(rows, cols), contiguous=False
+        )
 
     def flops(self, rows: int, cols: int) -> float:
         return float(ns_flops(rows, cols, self.steps))
@@ -131,17 +133,14 @@ class MuonBranch:
             tasks.append(MatrixTask(layout_of(p, name, self.replicated_group), split))
         return tasks
 
-    def orthogonalize(
-        self,
-        params: Sequence[torch.Tensor],
-        splits: Sequence[Sequence[int]],
-        updates: Sequence[torch.Tensor],
-        overlap: Callable[[], None] | None = None,
+    def stage(
+        self, params: Sequence[torch.Tensor], splits: Sequence[Sequence[int]]
     ) -> list[torch.Tensor]:
-        """Local pieces of NS5(update) * scale for each parameter (ns dtype).
+        """Where each parameter's local update goes this step (NS dtype, the local shape):
+        views of the exchange's send/keep buffers or, in one process, of the NS batch buffers.
 
-        ``overlap`` (optional) is called exactly once, while the exchange is in flight where there
-        is one: the optimizer's other branch runs its elementwise math there.
+        The caller writes the updates there (``amuse::nesterov`` does, with the cast), then
+        calls ``run()``. The exchange is rebuilt only when the set of parameters changes.
         """
         key = tuple(id(p) for p in params)
         if key != self._key:
@@ -154,7 +153,32 @@ class MuonBranch:
             )
             self._key = key
         assert self._ns is not None
-        return self._ns(updates, overlap)
+        device = params[0].device if params else "cpu"
+        return self._ns.stage(device)
+
+    def run(self, overlap: Callable[[], None] | None = None) -> list[torch.Tensor]:
+        """Local pieces of NS5(update) * scale for each staged parameter (ns dtype).
+
+        ``overlap`` (optional) is called exactly once, while the exchange is in flight where there
+        is one: the optimizer's other branch runs its elementwise math there.
+        """
+        assert self._ns is not None, "MuonBranch.run() before stage()"
+        return self._ns.run(overlap)
+
+    def orthogonalize(
+        self,
+        params: Sequence[torch.Tensor],
+        splits: Sequence[Sequence[int]],
+        updates: Sequence[torch.Tensor],
+        overlap: Callable[[], None] | None = None,
+    ) -> list[torch.Tensor]:
+        """``stage``, one foreach copy (and cast) of ``updates`` into the staged views, ``run``."""
+        inputs = self.stage(params, splits)
+        pairs = [(i, u) for i, u in zip(inputs, updates, strict=True) if u.numel()]
+        if pairs:
+            torch._foreach_copy_([i for i, _ in pairs], [u for _, u in pairs])
+        del inputs, pairs  # the staged views: each wave's send buffer is freed once sent
+        return self.run(overlap)
 
     @property
     def ns(self) -> OwnerwiseNewtonSchulz | None:

@@ -6,9 +6,6 @@ rank can orthogonalize all its same-shape matrices in one call.
 
 from __future__ import annotations
 
-import functools
-from collections.abc import Callable
-
 import torch
 
 NS_COEFFS = (3.4445, -4.7750, 2.0315)
@@ -27,6 +24,7 @@ def newton_schulz5(
     steps: int = 5,
     dtype: torch.dtype = torch.bfloat16,
     scale: float = 1.0,
+    contiguous: bool = True,
 ) -> torch.Tensor:
     """Approximately orthogonalize ``g`` (shape [..., rows, cols]) as in the spec, times ``scale``.
 
@@ -34,7 +32,9 @@ def newton_schulz5(
     side), normalize by the Frobenius norm, then ``steps`` iterations of X <- a X + (b A + c A A) X
     with A = X X^T. Each iteration is three matmul calls in the addmm form: A = X X^T,
     B = b A + c A A (one baddbmm), X = a X + B X (one baddbmm), so the polynomial costs no
-    separate elementwise passes; ``scale`` is folded into the last one. Returns ``dtype``.
+    separate elementwise passes; ``scale`` is folded into the last one. Returns ``dtype``;
+    ``contiguous=False`` hands tall results back as the transposed view (no copy) for callers
+    that read views.
     """
     if g.ndim < 2:
         raise ValueError(f"newton_schulz5 needs a matrix, got shape {tuple(g.shape)}")
@@ -53,19 +53,8 @@ def newton_schulz5(
         x = torch.baddbmm(x, poly, x, beta=a * s, alpha=s)
     x = x.reshape(*batch_shape, *x.shape[-2:])
     if tall:
-        x = x.mT.contiguous()  # callers flatten the result (view(-1)): hand back row-major
+        x = x.mT.contiguous() if contiguous else x.mT
     return x
-
-
-@functools.cache
-def compiled_newton_schulz5() -> Callable[..., torch.Tensor]:
-    """``newton_schulz5`` through ``torch.compile`` (built once per process).
-
-    Shapes are static per shape group and fixed from step to step, and ``steps``, ``dtype`` and
-    ``scale`` are the same for a shape group every step, so nothing recompiles after the first
-    step: one graph per (shape, batch size) on each owner.
-    """
-    return torch.compile(newton_schulz5, dynamic=False, fullgraph=True)
 
 
 def muon_scale(rows: int, cols: int) -> float:
