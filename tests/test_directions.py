@@ -143,14 +143,16 @@ def test_step_count_is_not_a_hyper_parameter(cls: type) -> None:
 
 def test_resume_contract_refuses_a_direction_change() -> None:
     from amuse_dist.anytime import resume_contract
+    from amuse_dist.optim import registry
 
-    table = resume_contract.contract()
+    sections = registry.hparam_sections()
+    table = resume_contract.contract(sections)
     assert table[("amuse", "direction")][0] == resume_contract.REFUSED
     assert table[("amuse", "normuon_beta2")][0] == resume_contract.CHANGEABLE
     assert table[("normuon", "beta2")][0] == resume_contract.CHANGEABLE
     assert table[("adamuon", "sign")][0] == resume_contract.CHANGEABLE
     saved, new = {"amuse": {"direction": "muon"}}, {"amuse": {"direction": "normuon"}}
-    (change,) = resume_contract.changes(saved, new)
+    (change,) = resume_contract.changes(saved, new, sections)
     assert change.policy == resume_contract.REFUSED and change.name == "[amuse] direction"
 
 

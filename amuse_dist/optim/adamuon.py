@@ -1,7 +1,7 @@
 """AdaMuon (Si, Zhang, Shen 2025; Chongjie-Si/AdaMuon): sign before NS, an element-wise second
 moment of the orthogonalized update after it, and an RMS aligned to Adam's.
 
-The baseline on the Muon baseline's machinery (``directions.DirectionalMuon``): the same
+The baseline on the Muon baseline's machinery (``muon.Muon`` with a ``direction``): the same
 momentum, AdamW branch and owner-wise exchange; the sign runs on each rank's piece before the
 gather, the normalization on each rank's piece after the return (``directions.AdaMuonDirection``,
 formulas and source lines there). Meant to run under an external LR schedule, like Muon.
@@ -19,8 +19,8 @@ import torch.distributed as dist
 from amuse_dist.distributed.plan import HSDP_MODES
 from amuse_dist.optim import hparams
 from amuse_dist.optim.base import check_range
-from amuse_dist.optim.directions import DirectionalMuon
 from amuse_dist.optim.hparams import hparam
+from amuse_dist.optim.muon import Muon
 
 
 @dataclass
@@ -70,7 +70,7 @@ class AdaMuonHParams:
 _D = AdaMuonHParams()
 
 
-class AdaMuon(DirectionalMuon):
+class AdaMuon(Muon):
     """AdaMuon for the ``use_muon`` groups, AdamW for the rest (groups from ``param_groups``).
 
     State per Muon matrix: the momentum and ``adamuon_v``, both shaped and sharded like the
@@ -99,8 +99,8 @@ class AdaMuon(DirectionalMuon):
         hparams.check(AdaMuonHParams, locals())
         super().__init__(
             params,
-            "adamuon",
-            {"sign": bool(sign), "beta2": beta2, "eps": eps},
+            direction="adamuon",
+            direction_options={"sign": bool(sign), "beta2": beta2, "eps": eps},
             lr=lr,
             momentum=momentum,
             nesterov=nesterov,

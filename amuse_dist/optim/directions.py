@@ -44,8 +44,7 @@ from torch.distributed.tensor.placement_types import _StridedShard
 
 from amuse_dist.distributed.layout import local_view
 from amuse_dist.distributed.piece_sums import Geometry, sum_over_ranks
-from amuse_dist.optim.base import MuonBranch, NewtonSchulz
-from amuse_dist.optim.muon import Muon, _adamw_step
+from amuse_dist.optim.base import NewtonSchulz
 from amuse_dist.optim.newton_schulz import muon_scale, newton_schulz5, ns_flops
 
 DIRECTIONS = ("muon", "normuon", "adamuon")
@@ -241,92 +240,3 @@ def make_direction(name: str, prefix: str = "") -> Direction:
     if name not in kinds:
         raise ValueError(f"direction = {name!r}: expected one of {', '.join(map(repr, kinds))}")
     return kinds[name](prefix)
-
-
-class DirectionalMuon(Muon):
-    """The Muon baseline with another direction: Muon's momentum, AdamW branch and owner-wise
-    exchange, and the direction's hooks around NS (NorMuon and AdaMuon build on it)."""
-
-    def __init__(self, params: Any, direction: str, extra: dict[str, Any], **muon: Any):
-        ns_steps = muon.get("ns_steps", 5)
-        ns_dtype = muon.get("ns_dtype", torch.bfloat16)
-        super().__init__(params, **muon)
-        self.direction = make_direction(direction)
-        for group in self.param_groups:
-            for key, value in extra.items():
-                group.setdefault(key, value)
-        self.defaults.update(extra)
-        self._muon = MuonBranch(
-            self._muon.names,
-            ns_steps,
-            ns_dtype,
-            self._muon.replicated_group,
-            hsdp_mode=self._muon.hsdp_mode,
-            orthogonalizer=self.direction.orthogonalizer(ns_steps, ns_dtype),
-        )
-
-    @torch.no_grad()
-    def step(self, closure: Any = None) -> float | None:  # type: ignore[override]
-        """Muon's step with ``pre_ns`` before the exchange and ``post_ns`` after it."""
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
-        key = self.direction.state_key
-        muon, adamw = [], []
-        for group in self.param_groups:
-            params = [p for p in group["params"] if p.grad is not None]
-            for p in params:
-                state = self.state[p]
-                if not state:
-                    if group["use_muon"]:
-                        state["momentum"] = torch.zeros_like(p)
-                        if key is not None:
-                            state[key] = self.direction.new_state(p)
-                    else:
-                        state["exp_avg"] = torch.zeros_like(p)
-                        state["exp_avg_sq"] = torch.zeros_like(p)
-            if not params or float(group["lr"]) == 0.0:  # torch's DCP state init: change nothing
-                continue
-            group["muon_t"] += 1
-            (muon if group["use_muon"] else adamw).append((group, params))
-
-        def adamw_branch() -> None:
-            for group, params in adamw:
-                _adamw_step(group, params, self.state)
-
-        if not muon:
-            adamw_branch()
-            return loss
-        updates: list[torch.Tensor] = []
-        for group, params in muon:
-            g = [local_view(p.grad) for p in params]
-            m = [local_view(self.state[p]["momentum"]) for p in params]
-            mu = group["momentum"]
-            torch._foreach_lerp_(m, g, 1.0 - mu)
-            updates += (
-                torch._foreach_lerp(g, m, mu) if group["nesterov"] else torch._foreach_mul(m, 1.0)
-            )
-        flat = [p for _, params in muon for p in params]
-        groups = [group for group, params in muon for _ in params]
-        splits = [tuple(group["ns_split"]) for group in groups]
-        self.direction.pre_ns(groups, updates)
-        outs = self._muon.orthogonalize(flat, splits, updates, overlap=adamw_branch)
-        outs = self.direction.post_ns(
-            lambda: self._muon.tasks(flat, splits),
-            flat,
-            groups,
-            outs,
-            [self.state[p] for p in flat],
-            [group["muon_t"] for group in groups],
-        )
-        start = 0
-        for group, params in muon:
-            w = [local_view(p) for p in params]
-            o = outs[start : start + len(params)]
-            start += len(params)
-            lr, wd = float(group["lr"]), group["weight_decay"]
-            if wd != 0.0:
-                torch._foreach_mul_(w, 1.0 - lr * wd)
-            torch._foreach_add_(w, o, alpha=-lr)
-        return loss

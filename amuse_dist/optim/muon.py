@@ -19,6 +19,7 @@ from amuse_dist.distributed.layout import local_view
 from amuse_dist.distributed.plan import HSDP_MODES
 from amuse_dist.optim import hparams
 from amuse_dist.optim.base import MuonBranch, check_range, default_replicated_group, split_named
+from amuse_dist.optim.directions import make_direction
 from amuse_dist.optim.hparams import hparam
 
 
@@ -74,7 +75,13 @@ class Muon(Optimizer):
         ns_dtype: torch.dtype = torch.bfloat16,
         process_group: dist.ProcessGroup | None = None,
         hsdp_mode: str = _D.hsdp_mode,
+        *,
+        direction: str = "muon",
+        direction_options: dict[str, Any] | None = None,
     ):
+        """``direction``: what turns the orthogonalized momentum into the update ("muon": as it
+        is; NorMuon and AdaMuon pass theirs, with their hyper-parameters in
+        ``direction_options``, which go into the param groups)."""
         check_range("lr", lr, 0.0, float("inf"), lo_open=True, hi_open=True)
         hparams.check(MuonHParams, locals())
         defaults = dict(
@@ -87,6 +94,7 @@ class Muon(Optimizer):
             adamw_eps=adamw_eps,
             use_muon=False,
             ns_split=(),
+            **(direction_options or {}),
         )
         groups, names = split_named(params)
         super().__init__(groups, defaults)
@@ -94,13 +102,20 @@ class Muon(Optimizer):
             # the step count is state, saved with the group, never a default: a resume puts
             # the run's hyper-parameters (the defaults' keys) back over the loaded groups
             group.setdefault("muon_t", 0)
+        self.direction = make_direction(direction)
         self._muon = MuonBranch(
-            names, ns_steps, ns_dtype, default_replicated_group(process_group), hsdp_mode=hsdp_mode
+            names,
+            ns_steps,
+            ns_dtype,
+            default_replicated_group(process_group),
+            hsdp_mode=hsdp_mode,
+            orthogonalizer=self.direction.orthogonalizer(ns_steps, ns_dtype),
         )
 
     @torch.no_grad()
     def step(self, closure: Callable[[], float] | None = None) -> float | None:  # type: ignore[override]
-        """One step: a few ``torch._foreach_*`` calls per group, NS5 for the Muon groups.
+        """One step: a few ``torch._foreach_*`` calls per group, NS5 for the Muon groups, with
+        the direction's ``pre_ns`` before the exchange and ``post_ns`` after it.
 
         The AdamW groups' math runs while the Muon exchange is in flight (``overlap``).
         """
@@ -108,16 +123,20 @@ class Muon(Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        key = self.direction.state_key
         muon, adamw = [], []
         for group in self.param_groups:
             params = [p for p in group["params"] if p.grad is not None]
             for p in params:
-                if not self.state[p]:
+                state = self.state[p]
+                if not state:
                     if group["use_muon"]:
-                        self.state[p]["momentum"] = torch.zeros_like(p)
+                        state["momentum"] = torch.zeros_like(p)
+                        if key is not None:
+                            state[key] = self.direction.new_state(p)
                     else:
-                        self.state[p]["exp_avg"] = torch.zeros_like(p)
-                        self.state[p]["exp_avg_sq"] = torch.zeros_like(p)
+                        state["exp_avg"] = torch.zeros_like(p)
+                        state["exp_avg_sq"] = torch.zeros_like(p)
             if not params or float(group["lr"]) == 0.0:  # torch's DCP state init: change nothing
                 continue
             group["muon_t"] += 1
@@ -139,11 +158,18 @@ class Muon(Optimizer):
             updates += (
                 torch._foreach_lerp(g, m, mu) if group["nesterov"] else torch._foreach_mul(m, 1.0)
             )
-        outs = self._muon.orthogonalize(
-            [p for _, params in muon for p in params],
-            [tuple(group["ns_split"]) for group, params in muon for _ in params],
-            updates,
-            overlap=adamw_branch,
+        flat = [p for _, params in muon for p in params]
+        groups = [group for group, params in muon for _ in params]
+        splits = [tuple(group["ns_split"]) for group in groups]
+        self.direction.pre_ns(groups, updates)
+        outs = self._muon.orthogonalize(flat, splits, updates, overlap=adamw_branch)
+        outs = self.direction.post_ns(
+            lambda: self._muon.tasks(flat, splits),
+            flat,
+            groups,
+            outs,
+            [self.state[p] for p in flat],
+            [group["muon_t"] for group in groups],
         )
         start = 0
         for group, params in muon:

@@ -1,6 +1,6 @@
 """NorMuon (Li et al. 2025; zichongli5/NorMuon): Muon with a per-row second moment after NS.
 
-The baseline on the Muon baseline's machinery (``directions.DirectionalMuon``): the same
+The baseline on the Muon baseline's machinery (``muon.Muon`` with a ``direction``): the same
 momentum, AdamW branch and owner-wise exchange; the row normalization runs on each rank's rows
 after the return (``directions.NorMuonDirection``, formulas and source lines there). Meant to run
 under an external LR schedule, like Muon.
@@ -18,8 +18,9 @@ import torch.distributed as dist
 from amuse_dist.distributed.plan import HSDP_MODES
 from amuse_dist.optim import hparams
 from amuse_dist.optim.base import check_range
-from amuse_dist.optim.directions import NORMUON_SCALES, DirectionalMuon
+from amuse_dist.optim.directions import NORMUON_SCALES
 from amuse_dist.optim.hparams import hparam
+from amuse_dist.optim.muon import Muon
 
 
 @dataclass
@@ -68,7 +69,7 @@ class NorMuonHParams:
 _D = NorMuonHParams()
 
 
-class NorMuon(DirectionalMuon):
+class NorMuon(Muon):
     """NorMuon for the ``use_muon`` groups, AdamW for the rest (groups from ``param_groups``).
 
     State per Muon matrix: the momentum (like the parameter) and ``normuon_v``, one value per
@@ -96,8 +97,8 @@ class NorMuon(DirectionalMuon):
         hparams.check(NorMuonHParams, locals())
         super().__init__(
             params,
-            "normuon",
-            {"beta2": beta2, "scale": scale},
+            direction="normuon",
+            direction_options={"beta2": beta2, "scale": scale},
             lr=lr,
             momentum=momentum,
             nesterov=nesterov,
