@@ -210,6 +210,14 @@ def test_bad_shards_tokenizer_and_vocab(prepared: dict[str, Path], tmp_path: Pat
     reader = SplitReader(bad, "train", SEQ, seed=None)
     with pytest.raises(DataError, match=rf"shard {shard} is corrupt: token id 65535"):
         reader.sequence(0)
+    # an index whose dtype does not fit its vocab (was an IndexError at the first read)
+    wrong = tmp_path / "wrong_dtype"
+    shutil.copytree(prepared["shards"], wrong)
+    index = json.loads((wrong / "index.json").read_text())
+    (wrong / "index.json").write_text(json.dumps({**index, "dtype": "uint32"}))
+    errors = check_job_config(_job_config(prepared, wrong), vocab)
+    assert errors and "index.json: dtype = 'uint32'" in errors[0], errors
+    assert "'uint16'" in errors[0] and "amuse-prepare-data" in errors[0], errors
     # a corrupt index
     (bad / "index.json").write_text("{not json")
     with pytest.raises(DataError, match=r"index\.json: corrupt index"):

@@ -51,6 +51,16 @@ def read_index(folder: Path | str) -> dict[str, Any]:
         raise DataError(f"{path}: not a {FORMAT} index")
     if index.get("version") != VERSION:
         raise DataError(f"{path}: format version {index.get('version')}, expected {VERSION}")
+    try:
+        vocab = int(index["tokenizer"]["vocab_size"])
+    except (KeyError, TypeError, ValueError):
+        raise DataError(f"{path}: no tokenizer vocab_size; prepare the folder again") from None
+    if index.get("dtype") != dtype_for(vocab):
+        raise DataError(
+            f"{path}: dtype = {index.get('dtype')!r}, but a vocab of {vocab} is stored as "
+            f"{dtype_for(vocab)!r}: the index does not describe these shards (edited or from "
+            "another version?); prepare the folder again with amuse-prepare-data"
+        )
     return index
 
 
