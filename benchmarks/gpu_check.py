@@ -277,8 +277,9 @@ def trainer_argv(
 
 
 def trainer_run(argv: list[str], data: dict[str, str], timeout: float, dry: bool) -> dict:
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=1"]
-    cmd += ["-m", "amuse_dist.train", *argv]
+    from amuse_dist.titan.launch import torchrun_command
+
+    cmd = torchrun_command(1, "-m", "amuse_dist.train", *argv, rank0_output=False)
     env = env_for_children(data)
     if dry:
         env.update(CUDA_VISIBLE_DEVICES="", OMP_NUM_THREADS="1")

@@ -390,7 +390,7 @@ def test_data_clis_never_overwrite(
     """amuse-tokenizer over an existing tokenizer and amuse-prepare-data over shards made from
     other inputs refuse (exit 2) and leave the output byte-identical; identical reruns are
     no-ops."""
-    tok_src = assets / "tokenizer"
+    tok_src = assets / "tokenizer-2048"  # the built-in corpus's BPE (built by the straight run)
     inputs = tmp_path / "texts"
     inputs.mkdir()
     for i in range(3):

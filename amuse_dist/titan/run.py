@@ -135,6 +135,8 @@ def train(args: list[str]) -> None:
                 detail += f" (and closing failed: {type(e).__name__}: {e})"
         if int(os.environ.get("RANK", "0")) == 0:
             (logger.error if error else logger.info)(stop_line(kind, step, detail, tokens))
+        if trainer is not None:
+            trainer.close_run_log()
 
     try:
         trainer = AmuseTrainer(config)

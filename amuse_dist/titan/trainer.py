@@ -352,6 +352,14 @@ class AmuseTrainer(Trainer):
         if msg[0]:
             raise RunLockError(msg[0])
 
+    def close_run_log(self) -> None:
+        """Stop writing ``train.log`` (after the stop line): a later run in this process, or
+        amuse-eval, logs elsewhere."""
+        if self._log_handler is not None:
+            logging.getLogger().removeHandler(self._log_handler)
+            self._log_handler.close()
+            self._log_handler = None
+
     def close(self) -> None:
         try:
             super().close()
@@ -359,10 +367,6 @@ class AmuseTrainer(Trainer):
             if self._run_lock is not None:
                 self._run_lock.release()
                 self._run_lock = None
-            if self._log_handler is not None:  # a later run in this process logs elsewhere
-                logging.getLogger().removeHandler(self._log_handler)
-                self._log_handler.close()
-                self._log_handler = None
 
     # ------------------------------------------------------------------ preemption and Ctrl-C
     def _install_stop_signals(self) -> None:

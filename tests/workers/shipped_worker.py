@@ -39,6 +39,7 @@ def run(args: list[str]) -> Path:
         trainer.train()
     finally:
         trainer.close()
+        trainer.close_run_log()  # the next job logs into its own run folder
     return Path(config.job.dump_folder)
 
 
