@@ -83,15 +83,24 @@ class Job:
     nproc: int = 2
     extra: tuple[str, ...] = ()
 
-    def worker_entry(self, root: Path, shards: Path, tokenizer: Path) -> dict[str, Any]:
-        """What tests/workers/shipped_worker.py runs: the straight run, then the resume."""
+    def worker_jobs(self, root: Path, shards: Path, tokenizer: Path) -> list[dict[str, Any]]:
+        """What tests/workers/trainer_jobs.py runs: the straight run (then amuse-eval of its
+        steps), and the resume from a copy of its step-2."""
         straight, resumed = root / self.name / "straight", root / self.name / "resumed"
-        args = (self.config, shards, tokenizer, self.nproc)
-        return {
-            "name": self.name,
-            "straight": shrunk_args(self.config, straight, *args[1:], extra=self.extra),
-            "resumed": shrunk_args(self.config, resumed, *args[1:], extra=self.extra),
-        }
+        step2 = "checkpoint/step-2"
+        args = (shards, tokenizer, self.nproc)
+        return [
+            {
+                "name": self.name,
+                "args": shrunk_args(self.config, straight, *args, extra=self.extra),
+                "eval": True,
+            },
+            {
+                "name": f"{self.name}/resumed",
+                "args": shrunk_args(self.config, resumed, *args, extra=self.extra),
+                "copy": [str(straight / step2), str(resumed / step2)],
+            },
+        ]
 
 
 # The issue's reproduction: debug_cpu.toml with compile and each activation-checkpointing mode,

@@ -4,7 +4,7 @@ reproduction (debug_cpu.toml with compile and each activation-checkpointing mode
 ranks): each trains, writes step-2 and step-4 with X exports, amuse-eval of each export equals
 the validator's loss at those weights (evaluated on the training's ranks, as amuse-eval does it),
 and a resume from step-2 reproduces steps 3 and 4. One torchrun per rank count runs every job
-(tests/workers/shipped_worker.py)."""
+(tests/workers/trainer_jobs.py)."""
 
 from __future__ import annotations
 
@@ -21,7 +21,7 @@ from tests.shipped import STEPS, Job, jobs, read, shipped_configs
 pytestmark = pytest.mark.e2e
 
 JOBS = jobs()
-WORKER = REPO / "tests" / "workers" / "shipped_worker.py"
+WORKER = REPO / "tests" / "workers" / "trainer_jobs.py"
 
 
 @pytest.fixture(scope="module")
@@ -39,7 +39,7 @@ def runs(tmp_path_factory: pytest.TempPathFactory, shards: tuple[Path, Path]) ->
     root = tmp_path_factory.mktemp("shipped")
     results: dict[str, dict] = {}
     for nproc in sorted({j.nproc for j in JOBS}):
-        spec = [j.worker_entry(root, *shards) for j in JOBS if j.nproc == nproc]
+        spec = [e for j in JOBS if j.nproc == nproc for e in j.worker_jobs(root, *shards)]
         (root / f"jobs{nproc}.json").write_text(json.dumps(spec))
         args = ["--jobs", str(root / f"jobs{nproc}.json")]
         gathered = run_worker(WORKER, nproc, args, root / f"worker{nproc}.pt", timeout=1800)
@@ -55,8 +55,11 @@ def test_the_folder_has_the_shipped_configs() -> None:
 
 @pytest.mark.parametrize("job", JOBS, ids=[j.name for j in JOBS])
 def test_shipped_config(job: Job, runs: Path) -> None:
-    result = json.loads((runs / "results.json").read_text())[job.name]
+    results = json.loads((runs / "results.json").read_text())
+    result = results[job.name]
     assert result["error"] is None, f"{job.name}:\n{result['error']}"
+    resume_error = results[f"{job.name}/resumed"]["error"]
+    assert resume_error is None, f"{job.name} resumed:\n{resume_error}"
     straight, resumed = runs / job.name / "straight", runs / job.name / "resumed"
     ckpt = straight / "checkpoint"
     steps = sorted(p.name for p in ckpt.iterdir() if p.name.startswith("step-"))

@@ -1,11 +1,13 @@
-"""Run under torchrun (gloo): the shipped-config test's jobs (tests/shipped.py) in this one
-process tree, each a straight run with checkpoints at 2 and 4, then a resume from a copy of step-2.
+"""Run under torchrun (gloo): a list of trainer jobs in this one process tree (each torchrun
+launch costs ~12 s of start-up, so e2e tests batch their runs per rank count).
 
-One launch for all jobs of a rank count (each torchrun costs ~12 s of start-up): the trainer is
-built the way ``amuse-train`` builds it (``run.checked_config``, then AmuseTrainer), and each
-straight run is evaluated on the same ranks the way ``amuse-eval RUN --source dcp|export`` does it
-(``anytime.targets`` finds and checks the steps, ``titan.evaluate`` evaluates them), since with bf16
-compute the loss follows the per-rank batch shape. The test compares with what the runs logged.
+A job is ``{"name", "args", "copy": [src, dst] | None, "eval": bool}``: optionally copy a
+checkpoint step folder first (a resume, or a reshard when it was written on another rank count),
+then train as ``amuse-train`` does (``run.checked_config``, then AmuseTrainer), then optionally
+evaluate every step of the run the way ``amuse-eval RUN --source dcp|export`` does
+(``anytime.targets`` finds and checks the steps, ``titan.evaluate`` evaluates them) on these
+same ranks, since with bf16 compute the loss follows the per-rank batch shape. Each job's result
+(its error, or the eval rows) is saved for the test to compare with what the runs logged.
 """
 
 from __future__ import annotations
@@ -25,14 +27,13 @@ from torchtitan.tools.logging import init_logger  # noqa: E402
 
 from amuse_dist.anytime import targets as tg  # noqa: E402
 from amuse_dist.titan import cpu  # noqa: E402
-from amuse_dist.titan.config import load_job_config  # noqa: E402
 from amuse_dist.titan.evaluate import EvalOptions, evaluate_targets, prepare  # noqa: E402
 from amuse_dist.titan.run import checked_config  # noqa: E402
 from amuse_dist.titan.trainer import AmuseTrainer  # noqa: E402
 from tests._titan import finish_worker  # noqa: E402
 
 
-def run(args: list[str]) -> Path:
+def train(args: list[str]) -> Path:
     config, _ = checked_config(args)  # as amuse-train checks it, before start-up
     trainer = AmuseTrainer(config)
     try:
@@ -54,23 +55,23 @@ def amuse_eval(run: Path) -> list[dict]:
 
 def main() -> None:
     p = argparse.ArgumentParser()
-    p.add_argument("--jobs", required=True, help="JSON: [{name, straight, resumed}]")
+    p.add_argument("--jobs", required=True, help="JSON: [{name, args, copy, eval}]")
     p.add_argument("--out", required=True)
     a = p.parse_args()
     init_logger()
     cpu.quiet_known_noise()
     launch.single_process_env()
+    dist.init_process_group("gloo")  # the trainers reuse it (torchtitan skips its own init)
     results: dict[str, dict] = {}
     for job in json.loads(Path(a.jobs).read_text()):
         try:
-            straight = run(job["straight"])
-            resumed = Path(load_job_config(job["resumed"]).job.dump_folder)
-            if dist.get_rank() == 0:
-                step2 = "checkpoint/step-2"
-                shutil.copytree(straight / step2, resumed / step2)
-            dist.barrier()
-            run(job["resumed"])
-            results[job["name"]] = {"error": None, "eval": amuse_eval(straight)}
+            if job.get("copy"):
+                if dist.get_rank() == 0:
+                    shutil.copytree(*job["copy"])
+                dist.barrier()
+            run = train(job["args"])
+            rows = amuse_eval(run) if job.get("eval") else None
+            results[job["name"]] = {"error": None, "eval": rows}
         except Exception:  # the test names the job and shows its traceback
             results[job["name"]] = {"error": traceback.format_exc()[-6000:]}
             dist.barrier()
