@@ -21,6 +21,7 @@ from amuse_dist.optim import hparams
 from amuse_dist.optim.base import check_range
 from amuse_dist.optim.hparams import hparam
 from amuse_dist.optim.muon import Muon
+from amuse_dist.optim.newton_schulz import NS_KERNELS
 
 
 @dataclass
@@ -63,6 +64,9 @@ class AdaMuonHParams:
         5, lo=1, integer=True, why="Newton-Schulz iterations of each next update"
     )
     """Newton-Schulz iterations, >= 1."""
+    ns_kernel: str = hparam("eager", choices=NS_KERNELS)
+    """Newton-Schulz kernel: "eager" (batched matmuls; the reference), "triton" (symmetric-aware:
+    one triangle of X X^T and of b A + c A A, ``optim/ns_triton``), "auto" (triton on CUDA)."""
     hsdp_mode: str = hparam("auto", choices=HSDP_MODES)
     """HSDP: "split", "per_replica" or "auto" (as ``[muon] hsdp_mode``)."""
 
@@ -92,6 +96,7 @@ class AdaMuon(Muon):
         adamw_eps: float = _D.adamw_eps,
         ns_steps: int = _D.ns_steps,
         ns_dtype: torch.dtype = torch.bfloat16,
+        ns_kernel: str = _D.ns_kernel,
         process_group: dist.ProcessGroup | None = None,
         hsdp_mode: str = _D.hsdp_mode,
     ):
@@ -110,6 +115,7 @@ class AdaMuon(Muon):
             adamw_eps=adamw_eps,
             ns_steps=ns_steps,
             ns_dtype=ns_dtype,
+            ns_kernel=ns_kernel,
             process_group=process_group,
             hsdp_mode=hsdp_mode,
         )

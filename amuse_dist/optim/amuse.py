@@ -24,6 +24,7 @@ from amuse_dist.optim.base import MuonBranch, check_range, default_replicated_gr
 from amuse_dist.optim.directions import DIRECTIONS, make_direction
 from amuse_dist.optim.elementwise import adamw_step, muon_post, nesterov
 from amuse_dist.optim.hparams import hparam
+from amuse_dist.optim.newton_schulz import NS_KERNELS
 from amuse_dist.optim.schedule import StepScalars, step_scalars
 
 # per-group scalars kept in the param group (saved and restored with it)
@@ -99,6 +100,9 @@ class AmuseHParams:
         5, lo=1, integer=True, why="Newton-Schulz iterations of each next update"
     )
     """Newton-Schulz iterations, >= 1."""
+    ns_kernel: str = hparam("eager", choices=NS_KERNELS)
+    """Newton-Schulz kernel: "eager" (batched matmuls; the reference), "triton" (symmetric-aware:
+    one triangle of X X^T and of b A + c A A, ``optim/ns_triton``), "auto" (triton on CUDA)."""
     exact_x: bool = hparam(
         False, on_resume="refuse", why="changes which beta builds Y from Z and X"
     )
@@ -203,6 +207,7 @@ class AMUSE(Optimizer):
         ns_steps: int = _D.ns_steps,
         exact_x: bool = _D.exact_x,
         ns_dtype: torch.dtype = torch.bfloat16,
+        ns_kernel: str = _D.ns_kernel,
         process_group: dist.ProcessGroup | None = None,
         hsdp_mode: str = _D.hsdp_mode,
         momentum_dtype: torch.dtype | str | None = _D.momentum_dtype,
@@ -253,7 +258,7 @@ class AMUSE(Optimizer):
             ns_dtype,
             default_replicated_group(process_group),
             hsdp_mode=hsdp_mode,
-            orthogonalizer=self._direction.orthogonalizer(ns_steps, ns_dtype),
+            orthogonalizer=self._direction.orthogonalizer(ns_steps, ns_dtype, ns_kernel),
         )
         if isinstance(momentum_dtype, str):
             if momentum_dtype not in MOMENTUM_DTYPES:

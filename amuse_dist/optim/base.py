@@ -67,15 +67,22 @@ def split_named(params: Iterable[Any]) -> tuple[list[dict[str, Any]], dict[int, 
 
 @dataclass(frozen=True)
 class NewtonSchulz:
-    """NS5 with the Muon scale, as the owner-wise exchange's ``Orthogonalizer``."""
+    """NS5 with the Muon scale, as the owner-wise exchange's ``Orthogonalizer``; ``kernel`` as in
+    ``newton_schulz5`` ("eager", "triton", "auto")."""
 
     steps: int = 5
     dtype: torch.dtype = torch.bfloat16
+    kernel: str = "eager"
 
     def __call__(self, batch: torch.Tensor) -> torch.Tensor:
         rows, cols = batch.shape[-2:]
         return newton_schulz5(
-            batch, self.steps, self.dtype, scale=muon_scale(rows, cols), contiguous=False
+            batch,
+            self.steps,
+            self.dtype,
+            scale=muon_scale(rows, cols),
+            contiguous=False,
+            kernel=self.kernel,
         )
 
     def flops(self, rows: int, cols: int) -> float:

@@ -58,9 +58,10 @@ class PlainNewtonSchulz:
 
     steps: int = 5
     dtype: torch.dtype = torch.bfloat16
+    kernel: str = "eager"
 
     def __call__(self, batch: torch.Tensor) -> torch.Tensor:
-        return newton_schulz5(batch, self.steps, self.dtype)
+        return newton_schulz5(batch, self.steps, self.dtype, kernel=self.kernel)
 
     def flops(self, rows: int, cols: int) -> float:
         return float(ns_flops(rows, cols, self.steps))
@@ -100,8 +101,8 @@ class Direction:
         self._key: tuple[int, ...] | None = None
         self._geoms: list[Geometry] = []
 
-    def orthogonalizer(self, steps: int, dtype: torch.dtype) -> Any:
-        return NewtonSchulz(steps, dtype)
+    def orthogonalizer(self, steps: int, dtype: torch.dtype, kernel: str = "eager") -> Any:
+        return NewtonSchulz(steps, dtype, kernel)
 
     def new_state(self, p: torch.Tensor) -> torch.Tensor | None:
         return None
@@ -140,8 +141,8 @@ class NorMuonDirection(Direction):
     name = "normuon"
     state_key = "normuon_v"
 
-    def orthogonalizer(self, steps: int, dtype: torch.dtype) -> Any:
-        return PlainNewtonSchulz(steps, dtype)
+    def orthogonalizer(self, steps: int, dtype: torch.dtype, kernel: str = "eager") -> Any:
+        return PlainNewtonSchulz(steps, dtype, kernel)
 
     def new_state(self, p: torch.Tensor) -> torch.Tensor | None:
         return row_state(p)
@@ -197,8 +198,8 @@ class AdaMuonDirection(Direction):
     name = "adamuon"
     state_key = "adamuon_v"
 
-    def orthogonalizer(self, steps: int, dtype: torch.dtype) -> Any:
-        return PlainNewtonSchulz(steps, dtype)
+    def orthogonalizer(self, steps: int, dtype: torch.dtype, kernel: str = "eager") -> Any:
+        return PlainNewtonSchulz(steps, dtype, kernel)
 
     def new_state(self, p: torch.Tensor) -> torch.Tensor | None:
         return torch.zeros_like(p)

@@ -21,6 +21,7 @@ from amuse_dist.optim import hparams
 from amuse_dist.optim.base import MuonBranch, check_range, default_replicated_group, split_named
 from amuse_dist.optim.directions import make_direction
 from amuse_dist.optim.hparams import hparam
+from amuse_dist.optim.newton_schulz import NS_KERNELS
 
 
 @dataclass
@@ -52,6 +53,9 @@ class MuonHParams:
         5, lo=1, integer=True, why="Newton-Schulz iterations of each next update"
     )
     """Newton-Schulz iterations, >= 1."""
+    ns_kernel: str = hparam("eager", choices=NS_KERNELS)
+    """Newton-Schulz kernel: "eager" (batched matmuls; the reference), "triton" (symmetric-aware:
+    one triangle of X X^T and of b A + c A A, ``optim/ns_triton``), "auto" (triton on CUDA)."""
     hsdp_mode: str = hparam("auto", choices=HSDP_MODES)
     """HSDP: "split" (each matrix once per job), "per_replica" (once per replica group) or
     "auto" (the cost model in docs/distributed.md)."""
@@ -73,6 +77,7 @@ class Muon(Optimizer):
         adamw_eps: float = _D.adamw_eps,
         ns_steps: int = _D.ns_steps,
         ns_dtype: torch.dtype = torch.bfloat16,
+        ns_kernel: str = _D.ns_kernel,
         process_group: dist.ProcessGroup | None = None,
         hsdp_mode: str = _D.hsdp_mode,
         *,
@@ -109,7 +114,7 @@ class Muon(Optimizer):
             ns_dtype,
             default_replicated_group(process_group),
             hsdp_mode=hsdp_mode,
-            orthogonalizer=self.direction.orthogonalizer(ns_steps, ns_dtype),
+            orthogonalizer=self.direction.orthogonalizer(ns_steps, ns_dtype, ns_kernel),
         )
 
     @torch.no_grad()
