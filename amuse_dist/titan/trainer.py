@@ -1,5 +1,6 @@
 """torchtitan's Trainer with the hooks AMUSE runs need (import after ``cpu.setup_device()``)."""
 
+import contextlib
 import dataclasses
 import logging
 import os
@@ -8,6 +9,7 @@ import shlex
 import signal
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -109,6 +111,30 @@ class TokensSeen(Stateful):
         self.total = int(state_dict["tokens_seen"])
         self.pending = 0
         self.restored = True
+
+
+class _TimeWithoutSleep:
+    """``time`` for ``torchtitan.train`` with a no-op ``sleep``: torchtitan's ``train()`` ends with
+    rank 0 sleeping 2 s "for other ranks to complete"; our stop path joins the ranks with a
+    collective (``run.train``: ``tokens.sync()``) instead, so the sleep only costs every run 2 s."""
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(time, name)
+
+    @staticmethod
+    def sleep(seconds: float) -> None:
+        return None
+
+
+@contextlib.contextmanager
+def _without_closing_sleep() -> Iterator[None]:
+    module = sys.modules[Trainer.__module__]
+    saved = module.time
+    module.time = _TimeWithoutSleep()
+    try:
+        yield
+    finally:
+        module.time = saved
 
 
 class AmuseTrainer(Trainer):
@@ -351,6 +377,10 @@ class AmuseTrainer(Trainer):
         dist.broadcast_object_list(msg, src=0)
         if msg[0]:
             raise RunLockError(msg[0])
+
+    def train(self) -> None:
+        with _without_closing_sleep():
+            super().train()
 
     def close_run_log(self) -> None:
         """Stop writing ``train.log`` (after the stop line): a later run in this process, or
