@@ -394,7 +394,7 @@ def markdown(report: dict[str, Any]) -> str:
         ]
         for r in ns["groups"]:
             lines.append(
-                f"| {r.get('kernel', 'eager')} | {r['shapes']} | {r['matrix']} | {r['count']} "
+                f"| {r['kernel']} | {r['shapes']} | {r['matrix']} | {r['count']} "
                 f"| {r['ms']:.2f} "
                 f"| {r['tflops']:.3g} | {r['vs_matmul']:.2f} |"
             )

@@ -30,7 +30,7 @@ def newton_schulz5(
     dtype: torch.dtype = torch.bfloat16,
     scale: float = 1.0,
     contiguous: bool = True,
-    kernel: str = "auto",
+    kernel: str = "eager",
 ) -> torch.Tensor:
     """Approximately orthogonalize ``g`` (shape [..., rows, cols]) as in the spec, times ``scale``.
 
@@ -45,6 +45,7 @@ def newton_schulz5(
     ``kernel`` picks how the two symmetric products (A and b A + c A A) run: "eager" (full
     matmuls; the CPU path and the reference), "triton" (``ns_triton``: one block triangle each,
     about 2/3 of NS5's FLOPs in all), "auto" (triton on CUDA when it imports, else eager).
+    The default is "eager", as for the optimizers' ``ns_kernel``: the kernel is opt-in everywhere.
     """
     if g.ndim < 2:
         raise ValueError(f"newton_schulz5 needs a matrix, got shape {tuple(g.shape)}")

@@ -64,8 +64,7 @@ class NorMuonHParams:
     )
     """Newton-Schulz iterations, >= 1."""
     ns_kernel: str = hparam("eager", choices=NS_KERNELS)
-    """Newton-Schulz kernel: "eager" (batched matmuls; the reference), "triton" (symmetric-aware:
-    one triangle of X X^T and of b A + c A A, ``optim/ns_triton``), "auto" (triton on CUDA)."""
+    """Newton-Schulz kernel: "eager", "triton" or "auto" (as ``[muon] ns_kernel``)."""
     hsdp_mode: str = hparam("auto", choices=HSDP_MODES)
     """HSDP: "split", "per_replica" or "auto" (as ``[muon] hsdp_mode``)."""
 
