@@ -13,6 +13,7 @@ import torch
 import torch.distributed as dist
 
 from amuse_dist.titan import launch
+from tests._preload import run_cmd
 
 REPO = Path(__file__).resolve().parents[1]
 DEBUG_TOML = REPO / "train_configs" / "debug_cpu.toml"
@@ -64,12 +65,15 @@ def finish_worker(result: Any, out: str | Path) -> None:
     launch.leave_process_group()
 
 
-def run_worker(script: Path, nproc: int, args: list[str], out: Path, timeout: int = 300) -> Any:
-    """Run a worker script on ``nproc`` gloo ranks; return what it saved to ``out`` (torch.save)."""
+def run_worker(
+    script: Path, nproc: int, args: list[str], out: Path, timeout: int = 300, fresh: bool = False
+) -> Any:
+    """Run a worker script on ``nproc`` gloo ranks; return what it saved to ``out`` (torch.save).
+    ``fresh``: real torchrun and interpreters, not the preloaded ones (``tests/_preload.py``)."""
     e = env(out.parent)
     e["CUDA_VISIBLE_DEVICES"] = ""
     cmd = launch.torchrun_command(nproc, str(script), *args, "--out", str(out), rank0_output=False)
-    proc = subprocess.run(cmd, cwd=REPO, env=e, capture_output=True, text=True, timeout=timeout)
+    proc = run_cmd(cmd, env=e, timeout=timeout, fresh=fresh)
     if proc.returncode != 0:
         raise AssertionError(
             f"{' '.join(cmd)} failed:\n{proc.stdout[-4000:]}\n{proc.stderr[-8000:]}"
@@ -88,7 +92,7 @@ def torchrun(
     cmd = torchrun_cmd(nproc, "-m", "amuse_dist.train", *args)
     e = env(tmp)
     e.update(extra_env or {})
-    proc = subprocess.run(cmd, cwd=REPO, env=e, capture_output=True, text=True, timeout=timeout)
+    proc = run_cmd(cmd, env=e, timeout=timeout)
     if proc.returncode != 0:
         raise AssertionError(
             f"torchrun failed ({proc.returncode}):\n{proc.stdout[-6000:]}\n{proc.stderr[-6000:]}"
@@ -224,9 +228,7 @@ def amuse_eval(target: Path, out: Path, tmp_path: Path, *extra: str) -> list[dic
     """Run ``python -m amuse_dist.eval`` on 2 fixed batches of 4; its JSON rows."""
     cmd = [sys.executable, "-m", "amuse_dist.eval", str(target), *extra]
     cmd += ["--steps", "2", "--batch-size", "4", "--out", str(out), "--no-progress"]
-    proc = subprocess.run(
-        cmd, cwd=REPO, env=env(tmp_path), capture_output=True, text=True, timeout=300
-    )
+    proc = run_cmd(cmd, env=env(tmp_path), timeout=300)
     assert proc.returncode == 0, proc.stderr[-4000:]
     return json.loads(out.with_suffix(".json").read_text())
 

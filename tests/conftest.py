@@ -61,3 +61,12 @@ def straight(tmp_path_factory: pytest.TempPathFactory, assets: Path) -> Path:
     dump = tmp_path_factory.mktemp("straight")
     torchrun(2, run_args(dump, assets), dump)
     return dump
+
+
+def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
+    """How the session's Python launches ran: preloaded, or fresh and why (tests/_preload.py)."""
+    from tests import _preload
+
+    if _preload.STATS:
+        counts = ", ".join(f"{n} {how}" for how, n in sorted(_preload.STATS.items()))
+        terminalreporter.write_line(f"python launches: {counts}")

@@ -19,6 +19,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from tests._preload import run_cmd
 from tests._titan import (
     REPO,
     STEP_RE,
@@ -159,9 +160,7 @@ def test_killed_export_leaves_previous_checkpoint_intact(
         "20",
         *run_args(dump, assets, validation__enable=False),
     )
-    proc = subprocess.run(
-        cmd, cwd=REPO, env=env(tmp_path), capture_output=True, text=True, timeout=300
-    )
+    proc = run_cmd(cmd, env=env(tmp_path), timeout=300)
     assert proc.returncode != 0  # it died in the export of step 20
     names = sorted(p.name for p in (dump / "checkpoint").iterdir())
     assert names == [".saving-20", "step-10"], names  # no step-20 that looks complete
@@ -179,9 +178,7 @@ def _resume_error(dump: Path, assets: Path, tmp_path: Path, **overrides: object)
         "amuse_dist.train",
         *run_args(dump, assets, steps=12, validation__enable=False, **overrides),
     )
-    proc = subprocess.run(
-        cmd, cwd=REPO, env=env(tmp_path), capture_output=True, text=True, timeout=300
-    )
+    proc = run_cmd(cmd, env=env(tmp_path), timeout=300)
     assert proc.returncode != 0
     return proc.stdout + proc.stderr
 

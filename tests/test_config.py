@@ -1,6 +1,5 @@
 """Config validation: bad TOMLs fail before any process group, naming section and key."""
 
-import subprocess
 import sys
 from pathlib import Path
 from typing import Any
@@ -13,6 +12,7 @@ except ModuleNotFoundError:
     import tomli as tomllib
 
 from amuse_dist.titan.config import ConfigError, validate_config
+from tests._preload import run_cmd
 from tests._titan import DEBUG_TOML, REPO, env
 
 CONFIGS = sorted((REPO / "train_configs").glob("*.toml"))
@@ -147,12 +147,9 @@ def test_cli_override_is_validated() -> None:
 def test_entry_point_fails_fast_without_process_group(tmp_path: Path) -> None:
     """The real entry point rejects a bad config (exit 2) before torch.distributed starts."""
     bad = debug_with(tmp_path, amuse__beta1=1.5)
-    proc = subprocess.run(
+    proc = run_cmd(
         [sys.executable, "-m", "amuse_dist.train", "--job.config_file", str(bad)],
-        cwd=REPO,
         env=env(tmp_path),
-        capture_output=True,
-        text=True,
         timeout=120,
     )
     assert proc.returncode == 2, proc.stderr[-3000:]
@@ -173,12 +170,9 @@ def test_prelaunch_checks_exit_2_before_any_process_group(
     tmp_path: Path, extra: list[str], needle: str
 ) -> None:
     """Settings the trainer cannot honour fail in seconds, before torch.distributed starts."""
-    proc = subprocess.run(
+    proc = run_cmd(
         [sys.executable, "-m", "amuse_dist.train", "--job.config_file", str(DEBUG_TOML), *extra],
-        cwd=REPO,
         env=env(tmp_path),
-        capture_output=True,
-        text=True,
         timeout=120,
     )
     assert proc.returncode == 2, proc.stderr[-3000:]

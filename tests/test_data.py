@@ -17,6 +17,7 @@ from amuse_dist.data import DataError
 from amuse_dist.data import corpus as builtin
 from amuse_dist.data.shards import SplitReader, read_index
 from amuse_dist.data.tokenizer import BOS_TOKEN, EOS_TOKEN
+from tests._preload import run_cmd
 from tests._titan import DEBUG_TOML, REPO, env
 
 pytestmark = pytest.mark.unit
@@ -182,9 +183,7 @@ def test_an_earlier_versions_assets_folder_is_adopted(tmp_path: Path) -> None:
 
 def _cli(module: str, *args: str, tmp_path: Path) -> subprocess.CompletedProcess[str]:
     cmd = [sys.executable, "-m", module, *args]
-    return subprocess.run(
-        cmd, cwd=REPO, env=env(tmp_path), capture_output=True, text=True, timeout=300
-    )
+    return run_cmd(cmd, env=env(tmp_path), timeout=300)
 
 
 def test_train_with_a_users_assets_dir_exits_2_and_keeps_the_files(tmp_path: Path) -> None:

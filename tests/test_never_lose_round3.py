@@ -34,6 +34,7 @@ from amuse_dist.anytime.run_format import (
     strip_to_exports,
 )
 from amuse_dist.anytime.targets import default_out, find_targets, result_paths
+from tests._preload import run_cmd
 from tests._titan import REPO, env, run_args, run_cli, torchrun_cmd
 
 
@@ -55,7 +56,7 @@ pytestmark = pytest.mark.e2e
 
 def _train(args: list[str], tmp: Path) -> tuple[int, str]:
     cmd = torchrun_cmd(1, "-m", "amuse_dist.train", *args)
-    proc = subprocess.run(cmd, cwd=REPO, env=env(tmp), capture_output=True, text=True, timeout=400)
+    proc = run_cmd(cmd, env=env(tmp), timeout=400)
     return proc.returncode, proc.stdout + proc.stderr
 
 
@@ -63,9 +64,7 @@ def _eval(args: list[str], tmp: Path, extra_env: dict[str, str] | None = None) -
     cmd = [sys.executable, "-m", "amuse_dist.eval", *args, "--steps", "2", "--batch-size", "4"]
     e = env(tmp)
     e.update(extra_env or {})
-    proc = subprocess.run(
-        [*cmd, "--no-progress"], cwd=REPO, env=e, capture_output=True, text=True, timeout=400
-    )
+    proc = run_cmd([*cmd, "--no-progress"], env=e, timeout=400)
     return proc.returncode, proc.stdout + proc.stderr
 
 

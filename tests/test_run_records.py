@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 
+from tests._preload import run_cmd
 from tests._titan import REPO, env, run_args, tb_by_step, torchrun
 
 TOKENS = "progress/tokens_seen"
@@ -33,7 +34,11 @@ def _train(
     cmd = [sys.executable, "-m", "amuse_dist.train", *launcher, *args]
     e = env(tmp)
     e["CUDA_VISIBLE_DEVICES"] = ""
-    return subprocess.run(cmd, cwd=REPO, env=e, capture_output=True, text=True, timeout=600, **kw)
+    if nproc or kw:  # the --nproc launcher is the subject: a real process tree
+        return subprocess.run(
+            cmd, cwd=REPO, env=e, capture_output=True, text=True, timeout=600, **kw
+        )
+    return run_cmd(cmd, env=e, timeout=600)
 
 
 # ------------------------------------------------------------------------------ units
@@ -276,7 +281,7 @@ def test_a_crash_is_the_last_line_of_train_log(tmp_path: Path, assets: Path) -> 
     e = env(tmp_path)
     e.update(CUDA_VISIBLE_DEVICES="", AMUSE_DUMP_INIT_STATE="/proc/amuse-no-such-dir/init.pt")
     cmd = [sys.executable, "-m", "amuse_dist.train", *run_args(dump, assets, steps=2)]
-    r = subprocess.run(cmd, cwd=REPO, env=e, capture_output=True, text=True, timeout=600)
+    r = run_cmd(cmd, env=e, timeout=600)
     assert r.returncode == 1 and "Traceback" in r.stderr, r.stderr[-3000:]
     assert re.search(r"run stopped: crashed: \w+Error: ", _last_line(dump)), _last_line(dump)
     assert not (dump / "config.toml").exists()  # it never started

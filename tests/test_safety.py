@@ -29,13 +29,12 @@ from amuse_dist.anytime.run_format import (
     complete_steps,
     export_dir,
 )
+from tests._preload import run_cmd
 from tests._titan import REPO, env, run_args, run_cli, tb_by_step, torchrun_cmd
 
 
 def _run(cmd: list[str], tmp: Path, timeout: int = 300) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        cmd, cwd=REPO, env=env(tmp), capture_output=True, text=True, timeout=timeout
-    )
+    return run_cmd(cmd, env=env(tmp), timeout=timeout)
 
 
 def _train(nproc: int, args: list[str]) -> list[str]:

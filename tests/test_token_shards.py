@@ -18,7 +18,8 @@ from amuse_dist.data import DataError
 from amuse_dist.data.prepare import prepare
 from amuse_dist.data.shards import SplitReader, read_index
 from amuse_dist.data.tokenizer import Encoder
-from tests._titan import REPO, env, run_args, tb_scalars, torchrun, torchrun_cmd
+from tests._preload import run_cmd
+from tests._titan import env, run_args, tb_scalars, torchrun, torchrun_cmd
 
 SEQ = 32
 GBS = 6
@@ -140,14 +141,7 @@ def test_tokenizer_folder_matches_training_in_transformers(prepared: dict[str, P
 
 # ------------------------------------------------------------------------------ bad input
 def _cli(module: str, *args: str, tmp_path: Path) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", module, *args],
-        cwd=REPO,
-        env=env(tmp_path),
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    return run_cmd([sys.executable, "-m", module, *args], env=env(tmp_path), timeout=300)
 
 
 @pytest.mark.unit
@@ -278,7 +272,7 @@ def _eval(step_dir: Path, nproc: int, tmp_path: Path) -> float:
     out = tmp_path / f"eval{nproc}"
     target = ["-m", "amuse_dist.eval", str(step_dir), "--out", str(out), "--no-progress"]
     cmd = torchrun_cmd(nproc, *target) if nproc > 1 else [sys.executable, *target]
-    proc = subprocess.run(cmd, cwd=REPO, env=env(tmp_path), capture_output=True, text=True)
+    proc = run_cmd(cmd, env=env(tmp_path), timeout=300)
     assert proc.returncode == 0, proc.stderr[-4000:]
     (row,) = json.loads(out.with_suffix(".json").read_text())
     return row["loss"]
