@@ -12,6 +12,7 @@ the exact status of a plain ``python -m`` launch.
 
 What a fork cannot reproduce runs as a real process, the command unchanged:
 - anything but those two shapes (``-c`` code, other launcher options, non-Python programs);
+- any launch on a machine with CUDA (a forked child cannot use a device its parent checked);
 - an environment that differs from the server's in a variable read at import time (TORCH*,
   TRITON*, OMP_*, HF_HUB*, PYTHONPATH ...: the child has the server's imports);
 - ``fresh=True``: the tests whose subject is the process itself (what a fresh interpreter imports,
@@ -23,8 +24,10 @@ from __future__ import annotations
 
 import atexit
 import contextlib
+import functools
 import json
 import os
+import select
 import shutil
 import signal
 import socket
@@ -38,15 +41,19 @@ REPO = Path(__file__).resolve().parents[1]
 FRESH_ENV = "AMUSE_TEST_FRESH_PROCESSES"
 IMPORT_TIME = (
     "TORCH",
+    "PYTORCH_",
     "TRITON",
     "OMP_",
     "MKL",
     "KMP_",
     "PYTHON",
     "LD_",
-    "HF_HUB",
-    "HF_DATASETS",
+    "HF_",
+    "HUGGINGFACE_",
     "TRANSFORMERS",
+    "XDG_",
+    "HOME",
+    "TMPDIR",
     "AMUSE_DEVICE",
     "CUDA",
 )
@@ -66,7 +73,8 @@ class _Server:
             cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=self.log, text=True
         )
         assert self.proc.stdout is not None
-        line = self.proc.stdout.readline()
+        ready, _, _ = select.select([self.proc.stdout], [], [], 300)
+        line = self.proc.stdout.readline() if ready else "(not ready after 300 s)"
         hello = json.loads(line) if line.startswith("{") else {}
         self.ok = bool(hello.get("ready")) and not hello.get("printed")
         if not self.ok:  # a child would not print what a fresh interpreter prints
@@ -88,8 +96,14 @@ class _Server:
         return sorted(k for k in keys if env.get(k) != self.env.get(k))
 
     def run(self, req: dict[str, Any], cmd: list[str], timeout: float | None) -> Any:
+        """The launch's result; None when the server is gone (the caller runs it for real)."""
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        sock.connect(self.path)
+        try:
+            sock.connect(self.path)
+        except OSError:
+            sock.close()
+            self.ok = False
+            return None
         sock.sendall((json.dumps(req) + "\n").encode())
         sock.settimeout(timeout)
         reader = sock.makefile("r")
@@ -97,11 +111,13 @@ class _Server:
         try:
             pid = json.loads(reader.readline())["pid"]
             line = reader.readline()
-        except TimeoutError:
+        except BaseException as e:  # a timeout, Ctrl-C, pytest stopping: no rank outlives it
             if pid is not None:
                 with contextlib.suppress(ProcessLookupError):
                     os.killpg(pid, signal.SIGKILL)
-            raise subprocess.TimeoutExpired(cmd, timeout or 0) from None
+            if isinstance(e, TimeoutError):
+                raise subprocess.TimeoutExpired(cmd, timeout or 0) from None
+            raise
         finally:
             reader.close()
             sock.close()
@@ -116,6 +132,7 @@ STATS: dict[str, int] = {}
 """Launches by how they ran ("preloaded", or "fresh: <why>"), for the session's summary line."""
 
 
+@functools.cache
 def _has_cuda() -> bool:
     import torch
 
@@ -124,8 +141,8 @@ def _has_cuda() -> bool:
 
 def _request(cmd: list[str]) -> dict[str, Any] | None:
     """The launch ``cmd`` describes, or None when it is not one the server can fork."""
-    if not cmd or cmd[0] != sys.executable or len(cmd) < 2:
-        return None
+    if not cmd or cmd[0] != sys.executable or len(cmd) < 2 or _has_cuda():
+        return None  # CUDA: a fork after the server's CUDA check could not use the device
     rest = list(cmd[1:])
     req: dict[str, Any] = {"torchrun": False, "nproc": 1, "rank0_output": False}
     if rest[:2] == ["-m", "torch.distributed.run"]:
@@ -134,6 +151,8 @@ def _request(cmd: list[str]) -> dict[str, Any] | None:
         while rest and rest[0].startswith("--"):
             opt = rest.pop(0)
             if opt.startswith("--nproc_per_node="):
+                if not opt.split("=", 1)[1].isdigit():
+                    return None
                 req["nproc"] = int(opt.split("=", 1)[1])
             elif opt == "--local-ranks-filter=0":
                 req["rank0_output"] = True
@@ -166,9 +185,11 @@ def run_cmd(
             atexit.register(_server.close)
         differs = _server.differs(env) if _server.ok else []
         if _server.ok and not differs:
-            STATS["preloaded"] = STATS.get("preloaded", 0) + 1
             req.update(env=dict(env), cwd=str(cwd))
-            return _server.run(req, cmd, timeout)
+            result = _server.run(req, cmd, timeout)
+            if result is not None:
+                STATS["preloaded"] = STATS.get("preloaded", 0) + 1
+                return result
         why = f"environment ({', '.join(differs)})" if differs else "preloading off"
     why = why or "not a python/torchrun launch"
     STATS[f"fresh: {why}"] = STATS.get(f"fresh: {why}", 0) + 1

@@ -22,12 +22,14 @@ STEP_RE = re.compile(r"step:?\s+(\d+)(?:/\d+)?\s+(?:\|[^|]*\|\s+)?loss:?\s+([-+0
 
 
 def env(tmp: Path) -> dict[str, str]:
+    """A launch's environment: offline, this checkout first on the path, one thread per rank; the
+    session's private HF cache (conftest.py; the hub libraries fix its paths at import)."""
     e = dict(os.environ)
     e.update(
         PYTHONPATH=str(REPO) + os.pathsep + e.get("PYTHONPATH", ""),
         HF_HUB_OFFLINE="1",
         HF_DATASETS_OFFLINE="1",
-        HF_HOME=str(tmp / "hf_home"),
+        HF_HOME=e.get("HF_HOME") or str(tmp / "hf_home"),
         OMP_NUM_THREADS="1",
         TORCH_NCCL_ASYNC_ERROR_HANDLING="3",
     )

@@ -21,10 +21,11 @@ from __future__ import annotations
 
 import atexit
 import contextlib
-import io
+import gc
 import json
 import os
 import runpy
+import select
 import signal
 import socket
 import sys
@@ -32,14 +33,37 @@ import tempfile
 import threading
 import time
 import traceback
+from collections.abc import Iterator
 
-STOP_GRACE_S = 15.0  # torchrun's agent: SIGTERM the other ranks, SIGKILL after a grace period
+STOP_GRACE_S = 30.0  # torchrun's agent: SIGTERM the other ranks, SIGKILL 30 s later
 
 
-def preload() -> str:
+@contextlib.contextmanager
+def _fd_capture(path: str) -> Iterator[None]:
+    """fds 1 and 2 into ``path`` for a while: what C code and Python print goes there, while
+    ``sys.stdout``/``sys.stderr`` stay the objects every logging handler created now holds."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    saved = os.dup(1), os.dup(2)
+    f = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
+    os.dup2(f, 1)
+    os.dup2(f, 2)
+    os.close(f)
+    try:
+        yield
+    finally:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os.dup2(saved[0], 1)
+        os.dup2(saved[1], 2)
+        os.close(saved[0])
+        os.close(saved[1])
+
+
+def preload(scratch: str) -> str:
     """Import what the entry points import; what the imports printed (must be nothing)."""
-    captured = io.StringIO()
-    with contextlib.redirect_stdout(captured), contextlib.redirect_stderr(captured):
+    path = os.path.join(scratch, "preload.out")
+    with _fd_capture(path):
         from amuse_dist.titan import launch
 
         launch.setup_device()  # as every entry point does, before torchtitan is imported
@@ -53,17 +77,12 @@ def preload() -> str:
         import amuse_dist.titan.run  # noqa: F401
         import amuse_dist.titan.trainer  # noqa: F401
         import tests._titan  # noqa: F401
-    return captured.getvalue()
+    with open(path, errors="replace") as f:
+        return f.read()
 
 
 def _send(conn: socket.socket, obj: dict) -> None:
     conn.sendall((json.dumps(obj) + "\n").encode())
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _exit_code(e: SystemExit) -> int:
@@ -75,14 +94,18 @@ def _exit_code(e: SystemExit) -> int:
     return 1
 
 
-def _run_rank(req: dict, rank: int, port: int, logs: str) -> None:
+def _run_rank(req: dict, rank: int, port_pipe: int | None, logs: str) -> None:
     """In the forked child: become ``python TARGET`` (as rank ``rank``); never returns."""
     code = 1
     try:
         env = dict(req["env"])
         if req["torchrun"]:
             n = str(req["nproc"])
-            env.setdefault("OMP_NUM_THREADS", "1")
+            if req["nproc"] > 1:  # as torchrun does
+                env.setdefault("OMP_NUM_THREADS", "1")
+            assert port_pipe is not None
+            with os.fdopen(port_pipe) as f:  # the store the supervisor hosts, as torchrun's agent
+                port = int(f.read())
             env.update(
                 RANK=str(rank),
                 LOCAL_RANK=str(rank),
@@ -93,11 +116,12 @@ def _run_rank(req: dict, rank: int, port: int, logs: str) -> None:
                 LOCAL_WORLD_SIZE=n,
                 ROLE_WORLD_SIZE=n,
                 GROUP_WORLD_SIZE="1",
-                MASTER_ADDR="127.0.0.1",
+                MASTER_ADDR="localhost",
                 MASTER_PORT=str(port),
                 TORCHELASTIC_RUN_ID="preloaded",
                 TORCHELASTIC_RESTART_COUNT="0",
                 TORCHELASTIC_MAX_RESTARTS="0",
+                TORCHELASTIC_USE_AGENT_STORE="True",
             )
         os.environ.clear()
         os.environ.update(env)
@@ -108,6 +132,8 @@ def _run_rank(req: dict, rank: int, port: int, logs: str) -> None:
             os.dup2(f, fd)
             os.close(f)
         os.chdir(req["cwd"])  # signals: the server never changes CPython's start-up handlers
+        tempfile.tempdir = None  # TMPDIR as this launch has it
+        _reseed()
         target = req["target"]
         try:
             if target[0] == "-m":
@@ -127,6 +153,7 @@ def _run_rank(req: dict, rank: int, port: int, logs: str) -> None:
             code = 1
         threading._shutdown()  # type: ignore[attr-defined]  # join non-daemon threads
         atexit._run_exitfuncs()
+        gc.collect()  # what finalizers a fresh interpreter's teardown would run
     except BaseException:
         traceback.print_exc()
         code = 1
@@ -137,27 +164,61 @@ def _run_rank(req: dict, rank: int, port: int, logs: str) -> None:
         os._exit(code)
 
 
-def _supervise(conn: socket.socket, req: dict) -> None:
+def _reseed() -> None:
+    """Fresh random state, as a new interpreter draws it (Python's ``random`` reseeds at fork)."""
+    import numpy as np
+    import torch
+
+    torch.seed()
+    np.random.seed()
+
+
+def _client_gone(conn: socket.socket) -> bool:
+    readable, _, _ = select.select([conn], [], [], 0)
+    return bool(readable) and conn.recv(1, socket.MSG_PEEK) == b""
+
+
+def _supervise(conn: socket.socket, req: dict, scratch: str) -> None:
     """In the launch's own process group: fork the ranks, wait, reply; never returns."""
     os.setsid()
     _send(conn, {"pid": os.getpid()})
     n = int(req["nproc"]) if req["torchrun"] else 1
-    port = _free_port() if req["torchrun"] else 0
-    logs = tempfile.mkdtemp(prefix="preload-")
+    logs = tempfile.mkdtemp(prefix="launch-", dir=scratch)
     ranks: dict[int, int] = {}
+    pipes: list[int] = []
     sys.stdout.flush()
     sys.stderr.flush()
     for rank in range(n):
+        read_end, write_end = os.pipe() if req["torchrun"] else (None, None)
         pid = os.fork()
         if pid == 0:
             conn.close()
-            _run_rank(req, rank, port, logs)
+            for fd in (write_end, *pipes):
+                if fd is not None:
+                    os.close(fd)
+            _run_rank(req, rank, read_end, logs)
+        if read_end is not None:
+            os.close(read_end)
+            pipes.append(write_end)
         ranks[pid] = rank
+    store = None
+    if req["torchrun"]:  # after the forks: no child inherits the store's thread
+        from torch.distributed import TCPStore
+
+        store = TCPStore("localhost", 0, n, is_master=True, wait_for_workers=False)
+        for fd in pipes:
+            os.write(fd, str(store.port).encode())
+            os.close(fd)
     codes: dict[int, int] = {}
     kill_at = None
     while len(codes) < n:
         pid, status = os.waitpid(-1, os.WNOHANG)
         if pid == 0:
+            if kill_at is None and _client_gone(conn):  # pytest stopped or gave up: stop all
+                for p in ranks:
+                    with contextlib.suppress(ProcessLookupError):
+                        os.kill(p, signal.SIGKILL)
+                os._exit(1)
             if kill_at is not None and time.monotonic() > kill_at:
                 for p in ranks:
                     if ranks[p] not in codes:
@@ -198,11 +259,13 @@ def _supervise(conn: socket.socket, req: dict) -> None:
         for name in ("out", "err"):
             os.unlink(f"{logs}/{rank}.{name}")
     os.rmdir(logs)
+    del store
     os._exit(0)
 
 
 def serve(path: str) -> None:
-    printed = preload()
+    scratch = os.path.dirname(path)
+    printed = preload(scratch)
     server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     server.bind(path)
     server.listen(8)
@@ -238,7 +301,7 @@ def serve(path: str) -> None:
         pid = os.fork()
         if pid == 0:
             server.close()
-            _supervise(conn, req)
+            _supervise(conn, req, scratch)
         conn.close()
     server.close()
     with contextlib.suppress(FileNotFoundError):
