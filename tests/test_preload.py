@@ -96,7 +96,7 @@ def test_a_timeout_leaves_no_process_and_odd_launches_run_for_real(tmp_path: Pat
     e = {**env(tmp_path), "PROBE_PID_FILE": str(pids)}
     before = _preload.STATS.get("preloaded", 0)
     with pytest.raises(subprocess.TimeoutExpired):
-        run_cmd(torchrun_cmd(2, str(PROBE), "sleep"), env=e, timeout=8)
+        run_cmd(torchrun_cmd(2, str(PROBE), "sleep"), env=e, timeout=5)
     assert _preload.STATS.get("preloaded", 0) == before  # counted only when it finished
     ranks = [int(p) for p in pids.read_text().split()]
     assert len(ranks) == 2
