@@ -14,7 +14,7 @@ What a fork cannot reproduce runs as a real process, the command unchanged:
 - anything but those two shapes (``-c`` code, other launcher options, non-Python programs);
 - any launch on a machine with CUDA (a forked child cannot use a device its parent checked);
 - an environment that differs from the server's in a variable read at import time (TORCH*,
-  TRITON*, OMP_*, HF_HUB*, PYTHONPATH ...: the child has the server's imports);
+  TRITON*, OMP_*, HF_*, HOME, TMPDIR, PYTHONPATH ...: the child has the server's imports);
 - ``fresh=True``: the tests whose subject is the process itself (what a fresh interpreter imports,
   signals to a process group, the ``--nproc`` launcher, the shipped configs as users start them);
 - ``AMUSE_TEST_FRESH_PROCESSES=1``: the whole suite with real processes (slower, same tests).
@@ -91,8 +91,7 @@ class _Server:
     def differs(self, env: dict[str, str]) -> list[str]:
         """The import-time variables whose value ``env`` changes."""
         keys = {k for k in (*env, *self.env) if k.startswith(IMPORT_TIME)}
-        if not _has_cuda():
-            keys.discard("CUDA_VISIBLE_DEVICES")
+        keys.discard("CUDA_VISIBLE_DEVICES")  # no device to hide: CUDA hosts never preload
         return sorted(k for k in keys if env.get(k) != self.env.get(k))
 
     def run(self, req: dict[str, Any], cmd: list[str], timeout: float | None) -> Any:

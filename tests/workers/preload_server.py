@@ -127,6 +127,7 @@ def _run_rank(req: dict, rank: int, port_pipe: int | None, logs: str) -> None:
         os.environ.update(env)
         null = os.open(os.devnull, os.O_RDONLY)
         os.dup2(null, 0)
+        os.close(null)
         for fd, name in ((1, "out"), (2, "err")):
             f = os.open(f"{logs}/{rank}.{name}", os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
             os.dup2(f, fd)
@@ -178,6 +179,14 @@ def _client_gone(conn: socket.socket) -> bool:
     return bool(readable) and conn.recv(1, socket.MSG_PEEK) == b""
 
 
+def _signal_running(ranks: dict[int, int], codes: dict[int, int], sig: int) -> None:
+    """Send ``sig`` to every rank that has not exited yet."""
+    for pid, rank in ranks.items():
+        if rank not in codes:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, sig)
+
+
 def _supervise(conn: socket.socket, req: dict, scratch: str) -> None:
     """In the launch's own process group: fork the ranks, wait, reply; never returns."""
     os.setsid()
@@ -215,25 +224,17 @@ def _supervise(conn: socket.socket, req: dict, scratch: str) -> None:
         pid, status = os.waitpid(-1, os.WNOHANG)
         if pid == 0:
             if kill_at is None and _client_gone(conn):  # pytest stopped or gave up: stop all
-                for p in ranks:
-                    with contextlib.suppress(ProcessLookupError):
-                        os.kill(p, signal.SIGKILL)
+                _signal_running(ranks, codes, signal.SIGKILL)
                 os._exit(1)
             if kill_at is not None and time.monotonic() > kill_at:
-                for p in ranks:
-                    if ranks[p] not in codes:
-                        with contextlib.suppress(ProcessLookupError):
-                            os.kill(p, signal.SIGKILL)
+                _signal_running(ranks, codes, signal.SIGKILL)
                 kill_at = None
             time.sleep(0.02)
             continue
         code = os.waitstatus_to_exitcode(status)
         codes[ranks[pid]] = code
         if code != 0 and kill_at is None and len(codes) < n:
-            for p in ranks:
-                if ranks[p] not in codes:
-                    with contextlib.suppress(ProcessLookupError):
-                        os.kill(p, signal.SIGTERM)
+            _signal_running(ranks, codes, signal.SIGTERM)
             kill_at = time.monotonic() + STOP_GRACE_S
 
     def read(rank: int, name: str) -> str:
@@ -251,7 +252,6 @@ def _supervise(conn: socket.socket, req: dict, scratch: str) -> None:
             "returncode": rc,
             "stdout": "".join(read(r, "out") for r in shown),
             "stderr": "".join(read(r, "err") for r in shown),
-            "codes": [codes[r] for r in range(n)],
         },
     )
     conn.close()
@@ -293,9 +293,6 @@ def serve(path: str) -> None:
             conn.close()
             continue
         req = json.loads(line)
-        if req.get("stop"):
-            conn.close()
-            break
         sys.stdout.flush()
         sys.stderr.flush()
         pid = os.fork()
